@@ -120,7 +120,10 @@ impl<S: fmt::Debug> fmt::Debug for NormalizeAuthority<S> {
         f.debug_struct("NormalizeAuthority")
             .field("inner", &self.inner)
             .field("authority", &self.filter.authority)
-            .field("filtering", &!matches!(self.filter.state, State::Passthrough))
+            .field(
+                "filtering",
+                &!matches!(self.filter.state, State::Passthrough),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -269,8 +272,7 @@ impl FrameHeader {
     fn parse(bytes: &[u8; FRAME_HEADER_LEN]) -> Self {
         let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
         // The top bit is reserved and must be ignored on receipt.
-        let stream_id =
-            u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        let stream_id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
         Self {
             len,
             kind: bytes[3],
@@ -307,7 +309,10 @@ enum State {
     /// Copying the payload of a frame that is not part of a header block.
     Forward { remaining: usize },
     /// Reading the payload of a HEADERS or CONTINUATION frame into `block.raw`.
-    Collect { block: HeaderBlock, remaining: usize },
+    Collect {
+        block: HeaderBlock,
+        remaining: usize,
+    },
     /// Not filtering: every byte is copied.
     Passthrough,
 }
@@ -732,7 +737,13 @@ fn write_header_block(
         flags |= FLAG_END_HEADERS;
     }
     let prefix = priority.as_ref().map_or(&[][..], |p| &p[..]);
-    write_frame_header(out, prefix.len() + first.len(), FRAME_HEADERS, flags, stream_id);
+    write_frame_header(
+        out,
+        prefix.len() + first.len(),
+        FRAME_HEADERS,
+        flags,
+        stream_id,
+    );
     out.extend_from_slice(prefix);
     out.extend_from_slice(first);
     block = rest;
@@ -867,3 +878,887 @@ const STATIC_TABLE: [(&str, &str); 61] = [
     ("via", ""),
     ("www-authenticate", ""),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    use loona_hpack::Encoder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    /// What gRPC core (Python, C++, Ruby) sends for `unix:/tmp/agent.sock`.
+    const ENCODED_PATH: &str = "%2Ftmp%2Fagent.sock";
+
+    /// The client side of a connection that hands out its bytes `chunk` at a time, and is "not
+    /// ready" before each chunk, as a socket under load would be.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+        ready: bool,
+    }
+
+    impl Trickle {
+        fn new(data: &[u8], chunk: usize) -> Self {
+            Self {
+                data: data.to_vec(),
+                pos: 0,
+                chunk,
+                ready: false,
+            }
+        }
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if !this.ready {
+                this.ready = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            this.ready = false;
+            let n = this
+                .chunk
+                .min(this.data.len() - this.pos)
+                .min(buf.remaining());
+            buf.put_slice(&this.data[this.pos..this.pos + n]);
+            this.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads `input` through the filter, `chunk` bytes at a time on both sides.
+    async fn filter_all(input: &[u8], chunk: usize) -> Vec<u8> {
+        let mut filtered = NormalizeAuthority::new(Trickle::new(input, chunk), "localhost");
+        let mut output = Vec::new();
+        let mut buf = vec![0; chunk];
+        loop {
+            let n = filtered.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return output;
+            }
+            output.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// `assert_eq!` for byte strings too long to print.
+    fn assert_same(actual: &[u8], expected: &[u8], context: &str) {
+        if actual != expected {
+            let at = actual
+                .iter()
+                .zip(expected)
+                .position(|(a, e)| a != e)
+                .unwrap_or(actual.len().min(expected.len()));
+            panic!(
+                "{context}: {} bytes, expected {}; first difference at {at}",
+                actual.len(),
+                expected.len()
+            );
+        }
+    }
+
+    /// Read sizes every test runs with: byte by byte, odd-sized, everything at once.
+    fn chunkings(input: &[u8]) -> [usize; 3] {
+        [1, 7, input.len().max(1)]
+    }
+
+    fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame_header(&mut out, payload.len(), kind, flags, stream_id);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Frame {
+        kind: u8,
+        flags: u8,
+        stream_id: u32,
+        payload: Vec<u8>,
+    }
+
+    fn parse_frames(mut bytes: &[u8]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let head: [u8; FRAME_HEADER_LEN] = bytes[..FRAME_HEADER_LEN].try_into().unwrap();
+            let header = FrameHeader::parse(&head);
+            let end = FRAME_HEADER_LEN + header.len;
+            frames.push(Frame {
+                kind: header.kind,
+                flags: header.flags,
+                stream_id: header.stream_id,
+                payload: bytes[FRAME_HEADER_LEN..end].to_vec(),
+            });
+            bytes = &bytes[end..];
+        }
+        frames
+    }
+
+    fn owned(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn decode(decoder: &mut Decoder<'static>, block: &[u8]) -> Vec<(String, String)> {
+        decoder
+            .decode(block)
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    fn encode(encoder: &mut Encoder<'static>, headers: &[(&str, &str)]) -> Vec<u8> {
+        encoder.encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    fn grpc_request(authority: &str) -> Vec<(&str, &str)> {
+        vec![
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("workload.spiffe.io", "true"),
+        ]
+    }
+
+    fn with_localhost(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|&(n, v)| {
+                let v = if n == ":authority" { "localhost" } else { v };
+                (n.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    /// A header block as the server sees it: frames joined, padding and priority dropped.
+    #[derive(Debug)]
+    struct Block {
+        stream_id: u32,
+        end_stream: bool,
+        priority: Option<Vec<u8>>,
+        fragment: Vec<u8>,
+    }
+
+    /// Collects the header blocks in `frames`, checking the framing the server will enforce.
+    fn header_blocks(frames: &[Frame]) -> Vec<Block> {
+        let mut blocks: Vec<Block> = Vec::new();
+        let mut open = false;
+        for frame in frames {
+            assert!(frame.payload.len() <= MAX_OUTPUT_FRAME_PAYLOAD);
+            match frame.kind {
+                FRAME_HEADERS => {
+                    assert!(!open, "HEADERS inside a header block");
+                    let (priority, start, end) =
+                        headers_fragment(&frame.payload, frame.flags).unwrap();
+                    blocks.push(Block {
+                        stream_id: frame.stream_id,
+                        end_stream: frame.flags & FLAG_END_STREAM != 0,
+                        priority: priority.map(|p| p.to_vec()),
+                        fragment: frame.payload[start..end].to_vec(),
+                    });
+                    open = frame.flags & FLAG_END_HEADERS == 0;
+                }
+                FRAME_CONTINUATION => {
+                    assert!(open, "CONTINUATION outside a header block");
+                    let block = blocks.last_mut().unwrap();
+                    assert_eq!(block.stream_id, frame.stream_id);
+                    block.fragment.extend_from_slice(&frame.payload);
+                    open = frame.flags & FLAG_END_HEADERS == 0;
+                }
+                _ => assert!(!open, "frame inside a header block"),
+            }
+        }
+        assert!(!open, "unfinished header block");
+        blocks
+    }
+
+    /// Output frames other than header blocks, which must come through byte for byte.
+    fn other_frames(frames: &[Frame]) -> Vec<Frame> {
+        frames
+            .iter()
+            .filter(|f| f.kind != FRAME_HEADERS && f.kind != FRAME_CONTINUATION)
+            .cloned()
+            .collect()
+    }
+
+    fn split_output(output: &[u8]) -> Vec<Frame> {
+        assert_eq!(&output[..PREFACE.len()], PREFACE);
+        parse_frames(&output[PREFACE.len()..])
+    }
+
+    #[tokio::test]
+    async fn rewrites_authority_whatever_the_read_sizes() {
+        let request = grpc_request(ENCODED_PATH);
+        let block = encode(&mut Encoder::new(), &request);
+        let settings = frame(0x4, 0, 0, &[0x00, 0x02, 0, 0, 0, 0]);
+        let headers = frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block);
+        let data_payload: Vec<u8> = (0..=255).cycle().take(3000).collect();
+        let data = frame(0x0, FLAG_END_STREAM, 1, &data_payload);
+        let window_update = frame(0x8, 0, 0, &[0, 0, 0x10, 0]);
+        let input = [&PREFACE[..], &settings, &headers, &data, &window_update].concat();
+
+        for chunk in chunkings(&input) {
+            let frames = split_output(&filter_all(&input, chunk).await);
+            assert_eq!(
+                other_frames(&frames),
+                other_frames(&parse_frames(&input[PREFACE.len()..])),
+                "chunk {chunk}"
+            );
+            assert_eq!(frames.len(), 4, "chunk {chunk}");
+            assert_eq!(frames[1].kind, FRAME_HEADERS);
+            assert_eq!(frames[1].flags, FLAG_END_HEADERS);
+            assert_eq!(frames[1].stream_id, 1);
+            let blocks = header_blocks(&frames);
+            assert_eq!(
+                decode(&mut Decoder::new(), &blocks[0].fragment),
+                with_localhost(&request),
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn leaves_requests_without_authority_alone() {
+        let request = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            ("host", "example"),
+        ];
+        let block = encode(&mut Encoder::new(), &request);
+        let input = [
+            &PREFACE[..],
+            &frame(FRAME_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 1, &block),
+        ]
+        .concat();
+        let frames = split_output(&filter_all(&input, 7).await);
+        let blocks = header_blocks(&frames);
+        assert_eq!(blocks.len(), 1);
+        assert!(blocks[0].end_stream);
+        assert_eq!(
+            decode(&mut Decoder::new(), &blocks[0].fragment),
+            owned(&request)
+        );
+    }
+
+    #[tokio::test]
+    async fn joins_continuation_frames_and_splits_large_blocks() {
+        let big = "a".repeat(40_000);
+        let mut request = grpc_request(ENCODED_PATH);
+        request.push(("x-big", &big));
+        let block = encode(&mut Encoder::new(), &request);
+        // The client's own split, at arbitrary points.
+        let (a, rest) = block.split_at(10);
+        let (b, c) = rest.split_at(20_000);
+        let input = [
+            &PREFACE[..],
+            &frame(FRAME_HEADERS, FLAG_END_STREAM, 3, a),
+            &frame(FRAME_CONTINUATION, 0, 3, b),
+            &frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 3, c),
+            &frame(0x6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]),
+        ]
+        .concat();
+
+        for chunk in [7, input.len()] {
+            let frames = split_output(&filter_all(&input, chunk).await);
+            let kinds: Vec<(u8, u8)> = frames.iter().map(|f| (f.kind, f.flags)).collect();
+            assert_eq!(
+                kinds,
+                [
+                    (FRAME_HEADERS, FLAG_END_STREAM),
+                    (FRAME_CONTINUATION, 0),
+                    (FRAME_CONTINUATION, FLAG_END_HEADERS),
+                    (0x6, 0),
+                ],
+                "chunk {chunk}"
+            );
+            assert_eq!(frames[0].payload.len(), MAX_OUTPUT_FRAME_PAYLOAD);
+            let blocks = header_blocks(&frames);
+            assert_eq!(blocks.len(), 1);
+            assert_eq!(blocks[0].stream_id, 3);
+            assert_eq!(
+                decode(&mut Decoder::new(), &blocks[0].fragment),
+                with_localhost(&request)
+            );
+            assert_eq!(frames[3].payload, [1, 2, 3, 4, 5, 6, 7, 8]);
+        }
+    }
+
+    #[tokio::test]
+    async fn strips_padding_and_keeps_priority() {
+        let request = grpc_request(ENCODED_PATH);
+        let block = encode(&mut Encoder::new(), &request);
+        let priority = [0x80, 0, 0, 3, 15];
+        let mut payload = vec![10];
+        payload.extend_from_slice(&priority);
+        payload.extend_from_slice(&block);
+        payload.extend_from_slice(&[0; 10]);
+        let padded = FLAG_PADDED | FLAG_PRIORITY | FLAG_END_HEADERS | FLAG_END_STREAM;
+        // The same request again, padded only, split over a CONTINUATION.
+        let second = encode(&mut Encoder::new(), &request);
+        let mut first_part = vec![3];
+        first_part.extend_from_slice(&second[..5]);
+        first_part.extend_from_slice(&[0; 3]);
+        let input = [
+            &PREFACE[..],
+            &frame(FRAME_HEADERS, padded, 5, &payload),
+            &frame(FRAME_HEADERS, FLAG_PADDED, 7, &first_part),
+            &frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 7, &second[5..]),
+        ]
+        .concat();
+
+        for chunk in chunkings(&input) {
+            let frames = split_output(&filter_all(&input, chunk).await);
+            assert_eq!(frames.len(), 2, "chunk {chunk}");
+            assert_eq!(
+                frames[0].flags,
+                FLAG_PRIORITY | FLAG_END_HEADERS | FLAG_END_STREAM
+            );
+            assert_eq!(frames[1].flags, FLAG_END_HEADERS);
+            let blocks = header_blocks(&frames);
+            assert_eq!(blocks[0].priority.as_deref(), Some(&priority[..]));
+            assert_eq!(blocks[1].priority, None);
+            // One decoder for the connection, as the server has.
+            let mut decoder = Decoder::new();
+            for block in &blocks {
+                assert_eq!(
+                    decode(&mut decoder, &block.fragment),
+                    with_localhost(&request)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn follows_the_client_dynamic_table_across_streams() {
+        let mut encoder = Encoder::new();
+        let first = grpc_request(ENCODED_PATH);
+        let mut second = grpc_request(ENCODED_PATH);
+        second[2] = (":path", "/SpiffeWorkloadAPI/FetchJWTSVID");
+        let first_block = encode(&mut encoder, &first);
+        let second_block = encode(&mut encoder, &second);
+        // The client refers to the authority it inserted while sending the first request.
+        let mut client_view = Decoder::new();
+        client_view.decode(&first_block).unwrap();
+        assert!(
+            Decoder::new().decode(&second_block).is_err(),
+            "the second request must depend on the first one's dynamic-table entries"
+        );
+        let input = [
+            &PREFACE[..],
+            &frame(
+                FRAME_HEADERS,
+                FLAG_END_HEADERS | FLAG_END_STREAM,
+                1,
+                &first_block,
+            ),
+            &frame(
+                FRAME_HEADERS,
+                FLAG_END_HEADERS | FLAG_END_STREAM,
+                3,
+                &second_block,
+            ),
+        ]
+        .concat();
+
+        for chunk in chunkings(&input) {
+            let blocks = header_blocks(&split_output(&filter_all(&input, chunk).await));
+            assert_eq!(blocks.len(), 2);
+            assert_eq!((blocks[0].stream_id, blocks[1].stream_id), (1, 3));
+            // A fresh decoder per block: the output never relies on, or fills, the server's
+            // dynamic table.
+            assert_eq!(
+                decode(&mut Decoder::new(), &blocks[0].fragment),
+                with_localhost(&first)
+            );
+            assert_eq!(
+                decode(&mut Decoder::new(), &blocks[1].fragment),
+                with_localhost(&second)
+            );
+        }
+    }
+
+    /// RFC 7541 Appendix C.4: three requests with Huffman-coded strings, the later ones
+    /// referring to dynamic-table entries the earlier ones added.
+    #[tokio::test]
+    async fn decodes_the_rfc7541_huffman_examples() {
+        let requests: [&[u8]; 3] = [
+            &[
+                0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+                0x90, 0xf4, 0xff,
+            ],
+            &[
+                0x82, 0x86, 0x84, 0xbe, 0x58, 0x86, 0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf,
+            ],
+            &[
+                0x82, 0x87, 0x85, 0xbf, 0x40, 0x88, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xa9, 0x7d, 0x7f,
+                0x89, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xb8, 0xe8, 0xb4, 0xbf,
+            ],
+        ];
+        let expected = [
+            owned(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "localhost"),
+            ]),
+            owned(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "localhost"),
+                ("cache-control", "no-cache"),
+            ]),
+            owned(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "localhost"),
+                ("custom-key", "custom-value"),
+            ]),
+        ];
+        let mut input = PREFACE.to_vec();
+        for (i, block) in requests.iter().enumerate() {
+            let stream_id = 2 * u32::try_from(i).unwrap() + 1;
+            input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, stream_id, block));
+        }
+        for chunk in chunkings(&input) {
+            let blocks = header_blocks(&split_output(&filter_all(&input, chunk).await));
+            let decoded: Vec<_> = blocks
+                .iter()
+                .map(|b| decode(&mut Decoder::new(), &b.fragment))
+                .collect();
+            assert_eq!(decoded, expected, "chunk {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_non_http2_input_through() {
+        let inputs: [&[u8]; 5] = [
+            b"GET / HTTP/1.1\r\nHost: %2Ftmp%2Fagent.sock\r\n\r\n",
+            b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\nmore bytes",
+            b"PRI * HT",
+            b"",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        ];
+        for input in inputs {
+            for chunk in chunkings(input) {
+                assert_same(
+                    &filter_all(input, chunk).await,
+                    input,
+                    &format!("chunk {chunk}"),
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn stops_filtering_at_malformed_frames() {
+        let block = encode(&mut Encoder::new(), &grpc_request(ENCODED_PATH));
+        let valid = frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block);
+        let bad_hpack = frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0xff, 0x7f]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "frame inside a header block",
+                [
+                    frame(FRAME_HEADERS, 0, 1, &block[..4]),
+                    frame(0x0, 0, 1, b"data"),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "CONTINUATION of another stream",
+                [
+                    frame(FRAME_HEADERS, 0, 1, &block[..4]),
+                    frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 3, &block[4..]),
+                ]
+                .concat(),
+            ),
+            (
+                "CONTINUATION without HEADERS",
+                [
+                    frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, &block),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "HEADERS on stream 0",
+                [
+                    frame(FRAME_HEADERS, FLAG_END_HEADERS, 0, &block),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "padding longer than the payload",
+                [
+                    frame(
+                        FRAME_HEADERS,
+                        FLAG_END_HEADERS | FLAG_PADDED,
+                        1,
+                        &[200, 0x82],
+                    ),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "PRIORITY fields cut short",
+                [frame(
+                    FRAME_HEADERS,
+                    FLAG_END_HEADERS | FLAG_PRIORITY,
+                    1,
+                    &[0, 0],
+                )]
+                .concat(),
+            ),
+            ("invalid HPACK", [bad_hpack.clone(), valid.clone()].concat()),
+            (
+                "dynamic table size update past the limit",
+                [
+                    frame(
+                        FRAME_HEADERS,
+                        FLAG_END_HEADERS,
+                        1,
+                        &[0x3f, 0xe2, 0xff, 0x03, 0x82],
+                    ),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "PUSH_PROMISE from a client",
+                [
+                    frame(FRAME_PUSH_PROMISE, FLAG_END_HEADERS, 1, &[0, 0, 0, 2]),
+                    valid.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                "truncated header block",
+                frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block)[..12].to_vec(),
+            ),
+            (
+                "truncated frame header",
+                frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block)[..5].to_vec(),
+            ),
+            (
+                "unfinished header block",
+                frame(FRAME_HEADERS, FLAG_END_STREAM, 1, &block),
+            ),
+        ];
+        for (name, frames) in cases {
+            let input = [&PREFACE[..], &frames].concat();
+            for chunk in chunkings(&input) {
+                assert_same(
+                    &filter_all(&input, chunk).await,
+                    &input,
+                    &format!("{name}, chunk {chunk}"),
+                );
+            }
+        }
+
+        // Requests before the malformed frame are rewritten; nothing after it is.
+        let rewritten = filter_all(&[&PREFACE[..], &valid].concat(), 7).await;
+        let tail = [bad_hpack, valid.clone()].concat();
+        let input = [&PREFACE[..], &valid, &tail].concat();
+        assert_same(
+            &filter_all(&input, 7).await,
+            &[rewritten.as_slice(), &tail].concat(),
+            "rewritten, then malformed",
+        );
+    }
+
+    #[tokio::test]
+    async fn passes_oversized_header_blocks_through() {
+        let block = encode(&mut Encoder::new(), &grpc_request(ENCODED_PATH));
+        // One frame that is larger than the limit on its own, and a block that grows past it.
+        let huge = vec![0x82; MAX_HEADER_BLOCK];
+        let one_frame = [
+            &PREFACE[..],
+            &frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &huge),
+        ]
+        .concat();
+        let mut many_frames = [&PREFACE[..], &frame(FRAME_HEADERS, 0, 1, &block)].concat();
+        for _ in 0..=(MAX_HEADER_BLOCK / 16_000) {
+            many_frames.extend(frame(FRAME_CONTINUATION, 0, 1, &[0x82; 16_000]));
+        }
+        many_frames.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, &[0x82]));
+        for input in [one_frame, many_frames] {
+            for chunk in [1000, input.len()] {
+                assert_same(&filter_all(&input, chunk).await, &input, "oversized");
+            }
+        }
+    }
+
+    /// A small deterministic generator, so that failures reproduce.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
+        }
+    }
+
+    /// Random frame sequences, some valid and most not, never panic or hang the filter, and the
+    /// output never depends on how the input was cut into reads.
+    #[tokio::test]
+    async fn arbitrary_input_is_handled_the_same_however_it_is_read() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let valid = encode(&mut Encoder::new(), &grpc_request(ENCODED_PATH));
+        for _ in 0..300 {
+            let mut input = PREFACE.to_vec();
+            for _ in 0..rng.below(6) {
+                let kind = [FRAME_HEADERS, FRAME_CONTINUATION, 0x0, 0x4, 0x8, 0xfe][rng.below(6)];
+                let flags = u8::try_from(rng.below(256)).unwrap();
+                let stream_id = u32::try_from(rng.below(4)).unwrap();
+                let payload: Vec<u8> = match rng.below(3) {
+                    0 => valid.clone(),
+                    1 => valid[..rng.below(valid.len())].to_vec(),
+                    _ => (0..rng.below(64))
+                        .map(|_| u8::try_from(rng.below(256)).unwrap())
+                        .collect(),
+                };
+                input.extend(frame(kind, flags, stream_id, &payload));
+            }
+            if rng.below(4) == 0 {
+                input.truncate(rng.below(input.len() + 1));
+            }
+            let whole = filter_all(&input, input.len().max(1)).await;
+            assert_same(&filter_all(&input, 1).await, &whole, "chunk 1");
+            assert_same(&filter_all(&input, 7).await, &whole, "chunk 7");
+        }
+    }
+
+    #[test]
+    fn static_table_matches_rfc7541() {
+        let mut decoder = Decoder::new();
+        for (i, (name, value)) in STATIC_TABLE.iter().enumerate() {
+            let index = u8::try_from(i + 1).unwrap();
+            assert_eq!(
+                decode(&mut decoder, &[0x80 | index]),
+                owned(&[(name, value)])
+            );
+        }
+    }
+
+    #[test]
+    fn integers_encode_as_in_rfc7541_appendix_c1() {
+        let mut out = Vec::new();
+        encode_integer(&mut out, 10, 5, 0);
+        assert_eq!(out, [0x0a]);
+        out.clear();
+        encode_integer(&mut out, 1337, 5, 0);
+        assert_eq!(out, [0x1f, 0x9a, 0x0a]);
+        out.clear();
+        encode_integer(&mut out, 42, 8, 0);
+        assert_eq!(out, [0x2a]);
+        out.clear();
+        encode_integer(&mut out, 15, 4, 0xf0);
+        assert_eq!(out, [0xff, 0x00]);
+    }
+
+    #[test]
+    fn wrapper_fits_a_tonic_incoming_stream() {
+        fn assert_io<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static>() {}
+        assert_io::<NormalizeAuthority<UnixStream>>();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let wrapped = NormalizeAuthority::new(a, "localhost");
+        assert!(wrapped.get_ref().peer_addr().is_ok());
+        assert!(format!("{wrapped:?}").contains("filtering: true"));
+    }
+
+    /// What the raw client got back for its request on stream 1.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Reply {
+        Headers { status: String },
+        Reset { code: u32 },
+        GoAway { code: u32 },
+        Closed,
+    }
+
+    const PROTOCOL_ERROR: u32 = 0x1;
+
+    /// An `h2` server that answers every request with 200 and reports the last authority seen.
+    async fn serve<T: AsyncRead + AsyncWrite + Unpin>(io: T) -> Option<String> {
+        let mut connection = h2::server::handshake(io).await.ok()?;
+        let mut seen = None;
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            seen = request.uri().authority().map(ToString::to_string);
+            let response = http::Response::builder().status(200).body(()).unwrap();
+            respond.send_response(response, true).unwrap();
+        }
+        seen
+    }
+
+    async fn read_frame(io: &mut UnixStream) -> Option<Frame> {
+        let mut head = [0; FRAME_HEADER_LEN];
+        io.read_exact(&mut head).await.ok()?;
+        let header = FrameHeader::parse(&head);
+        let mut payload = vec![0; header.len];
+        io.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: header.kind,
+            flags: header.flags,
+            stream_id: header.stream_id,
+            payload,
+        })
+    }
+
+    /// A gRPC client as far as framing goes, sending `authority` the way gRPC core does.
+    async fn raw_client(mut io: UnixStream, authority: &str) -> Reply {
+        io.write_all(PREFACE).await.unwrap();
+        io.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+        loop {
+            let Some(frame_in) = read_frame(&mut io).await else {
+                return Reply::Closed;
+            };
+            if frame_in.kind == 0x4 && frame_in.flags & 0x1 == 0 {
+                io.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+                break;
+            }
+        }
+        let block = encode(&mut Encoder::new(), &grpc_request(authority));
+        let flags = FLAG_END_HEADERS | FLAG_END_STREAM;
+        io.write_all(&frame(FRAME_HEADERS, flags, 1, &block))
+            .await
+            .unwrap();
+        let mut decoder = Decoder::new();
+        loop {
+            let Some(reply) = read_frame(&mut io).await else {
+                return Reply::Closed;
+            };
+            match reply.kind {
+                FRAME_HEADERS if reply.stream_id == 1 => {
+                    assert_ne!(reply.flags & FLAG_END_HEADERS, 0);
+                    let (_, start, end) = headers_fragment(&reply.payload, reply.flags).unwrap();
+                    let headers = decode(&mut decoder, &reply.payload[start..end]);
+                    let status = headers
+                        .into_iter()
+                        .find(|(name, _)| name == ":status")
+                        .map(|(_, value)| value)
+                        .unwrap_or_default();
+                    return Reply::Headers { status };
+                }
+                0x3 if reply.stream_id == 1 => {
+                    let code = u32::from_be_bytes(reply.payload[..4].try_into().unwrap());
+                    return Reply::Reset { code };
+                }
+                0x7 => {
+                    let code = u32::from_be_bytes(reply.payload[4..8].try_into().unwrap());
+                    return Reply::GoAway { code };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One request over a real Unix socket pair; returns the client's reply and the authority
+    /// the server saw.
+    async fn exchange(authority: &str, filtered: bool) -> (Reply, Option<String>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(async move {
+            if filtered {
+                serve(NormalizeAuthority::new(server, "localhost")).await
+            } else {
+                serve(server).await
+            }
+        });
+        let limit = Duration::from_secs(10);
+        let reply = tokio::time::timeout(limit, raw_client(client, authority))
+            .await
+            .unwrap();
+        let seen = tokio::time::timeout(limit, server).await.unwrap().unwrap();
+        (reply, seen)
+    }
+
+    /// Forms the socket path takes in clients' `:authority`.
+    const SOCKET_AUTHORITIES: [&str; 4] = [
+        ENCODED_PATH,
+        "/tmp/agent.sock",
+        "unix:/tmp/agent.sock",
+        "unix:%2Ftmp%2Fagent.sock",
+    ];
+
+    #[tokio::test]
+    async fn h2_resets_socket_path_authorities_without_the_filter() {
+        let ok = Reply::Headers {
+            status: "200".into(),
+        };
+        assert_eq!(
+            exchange("localhost", false).await,
+            (ok, Some("localhost".into())),
+            "the raw client itself must work"
+        );
+        // Every form a client may derive from the socket path is refused by h2 itself; these
+        // are the requests the filter exists for.
+        for authority in SOCKET_AUTHORITIES {
+            assert_eq!(
+                exchange(authority, false).await,
+                (
+                    Reply::Reset {
+                        code: PROTOCOL_ERROR
+                    },
+                    None
+                ),
+                "{authority:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_accepts_socket_path_authorities_through_the_filter() {
+        for authority in ["localhost", ENCODED_PATH]
+            .into_iter()
+            .chain(SOCKET_AUTHORITIES)
+        {
+            let (reply, seen) = exchange(authority, true).await;
+            assert_eq!(
+                reply,
+                Reply::Headers {
+                    status: "200".into()
+                },
+                "{authority:?}"
+            );
+            assert_eq!(seen.as_deref(), Some("localhost"), "{authority:?}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The server's domain error, mapped to HTTP in `admin::error` and to gRPC
+//! status codes in `node::status` — one place each.
+
+use crate::store::StoreError;
+
+/// What went wrong in a server operation, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The request is malformed or a field is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The caller is known but not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller could not be authenticated (no, bad, expired or superseded credentials).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The system is not in a state that allows this (for example a banned agent).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Anything else; the message is safe to show (no secrets).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<mayfly::entry::EntryError> for ServiceError {
+    fn from(e: mayfly::entry::EntryError) -> Self {
+        Self::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<mayfly::x509::X509Error> for ServiceError {
+    fn from(e: mayfly::x509::X509Error) -> Self {
+        match e {
+            mayfly::x509::X509Error::BadCsr(_) | mayfly::x509::X509Error::NotSvid(_) => {
+                Self::InvalidArgument(e.to_string())
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Shorthand.
+pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -1,0 +1,216 @@
+//! The embedded sled backend: one tree per record kind, JSON values, a
+//! flush after every write.
+
+use std::path::Path;
+
+use mayfly::entry::{Entry, EntryId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use super::{JoinTokenRecord, NodeRecord, Store, StoreError};
+
+/// sled-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    entries: sled::Tree,
+    nodes: sled::Tree,
+    tokens: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Backend(format!("encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(
+    kind: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        kind,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
+        Ok(Self {
+            entries: db.open_tree("entries").map_err(backend)?,
+            nodes: db.open_tree("nodes").map_err(backend)?,
+            tokens: db.open_tree("join_tokens").map_err(backend)?,
+            meta: db.open_tree("meta").map_err(backend)?,
+            db,
+        })
+    }
+
+    fn durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn all<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        kind: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(kind, &k, &v)
+            })
+            .collect()
+    }
+}
+
+impl Store for SledStore {
+    fn put_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        self.entries
+            .insert(entry.id.as_str(), encode(entry)?)
+            .map_err(backend)?;
+        self.durable()
+    }
+
+    fn delete_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        let old = self.entries.remove(id.as_str()).map_err(backend)?;
+        self.durable()?;
+        old.map(|v| decode("entry", id.as_str().as_bytes(), &v))
+            .transpose()
+    }
+
+    fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        Self::all(&self.entries, "entry")
+    }
+
+    fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.nodes
+            .insert(node.spiffe_id.to_string(), encode(node)?)
+            .map_err(backend)?;
+        self.durable()
+    }
+
+    fn get_node(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.nodes
+            .get(spiffe_id)
+            .map_err(backend)?
+            .map(|v| decode("node", spiffe_id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn delete_node(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let old = self.nodes.remove(spiffe_id).map_err(backend)?;
+        self.durable()?;
+        old.map(|v| decode("node", spiffe_id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Self::all(&self.nodes, "node")
+    }
+
+    fn put_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.tokens
+            .insert(token.token_sha256.as_str(), encode(token)?)
+            .map_err(backend)?;
+        self.durable()
+    }
+
+    fn take_join_token(&self, token_sha256: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        // `remove` is atomic in sled: of two concurrent redemptions only one
+        // gets the record back.
+        let old = self.tokens.remove(token_sha256).map_err(backend)?;
+        self.durable()?;
+        old.map(|v| decode("join token", token_sha256.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn prune_join_tokens(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for t in Self::all::<JoinTokenRecord>(&self.tokens, "join token")? {
+            if t.expires_at <= now {
+                self.tokens
+                    .remove(t.token_sha256.as_str())
+                    .map_err(backend)?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.durable()?;
+        }
+        Ok(n)
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key).map_err(backend)?.map(|v| v.to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(key, value).map_err(backend)?;
+        self.durable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mayfly::entry::EntrySpec;
+
+    fn entry() -> Entry {
+        EntrySpec {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: "spiffe://example.org/mayfly/agent/join_token/a".into(),
+            selectors: vec!["unix:uid:1000".into()],
+            ..Default::default()
+        }
+        .validate(
+            &mayfly::TrustDomain::new("example.org").unwrap(),
+            EntryId::random(),
+            1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn survives_reopen_and_tokens_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = entry();
+        let now = OffsetDateTime::now_utc();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_entry(&e).unwrap();
+            s.put_join_token(&JoinTokenRecord {
+                id: "t1".into(),
+                token_sha256: "abc".into(),
+                alias: None,
+                created_at: now,
+                expires_at: now + time::Duration::minutes(10),
+            })
+            .unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.list_entries().unwrap(), vec![e.clone()]);
+        assert!(s.take_join_token("abc").unwrap().is_some());
+        assert!(s.take_join_token("abc").unwrap().is_none());
+        assert_eq!(s.delete_entry(&e.id).unwrap(), Some(e));
+        assert!(s.list_entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.entries.insert("x", &b"{not json"[..]).unwrap();
+        assert!(matches!(s.list_entries(), Err(StoreError::Corrupt { .. })));
+    }
+}
