@@ -1,0 +1,115 @@
+//! What the agent knows and serves: its authorized entries, the trust
+//! bundle, and the X.509-SVIDs it holds for entries, published through a
+//! `tokio::sync::watch` channel so that every open Workload API stream sees
+//! each change at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mayfly::bundle::TrustBundle;
+use mayfly::entry::{Entry, EntryId};
+use mayfly::SpiffeId;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// An X.509-SVID held for one entry.
+pub struct CachedSvid {
+    /// The entry it was issued for.
+    pub entry_id: EntryId,
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first.
+    pub chain_der: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key (secret; zeroized on drop, never logged).
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
+    /// NotAfter of the leaf.
+    pub expires_at: OffsetDateTime,
+    /// The entry's hint.
+    pub hint: String,
+}
+
+impl std::fmt::Debug for CachedSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expires_at", &self.expires_at)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One consistent view of the agent's state.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// False until the first sync with the server completed (or a stored
+    /// state was loaded); the Workload API answers `Unavailable` meanwhile.
+    pub ready: bool,
+    /// Entries authorized for this agent, by id.
+    pub entries: BTreeMap<EntryId, Arc<Entry>>,
+    /// The agent's own trust domain bundle.
+    pub bundle: Option<Arc<TrustBundle>>,
+    /// X.509-SVIDs by entry id. An entry without one here is still being signed.
+    pub svids: BTreeMap<EntryId, Arc<CachedSvid>>,
+    /// Registration revision last received from the server.
+    pub revision: u64,
+}
+
+/// The shared, watchable state.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    /// An empty, not-ready cache.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self { tx: Arc::new(tx) }
+    }
+
+    /// The current state.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Follows every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Applies a change and publishes the result to every subscriber.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.tx.send_modify(|current| {
+            let mut next = (**current).clone();
+            f(&mut next);
+            *current = Arc::new(next);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn subscribers_see_updates() {
+        let cache = Cache::new();
+        let mut rx = cache.subscribe();
+        assert!(!cache.current().ready);
+        cache.update(|s| {
+            s.ready = true;
+            s.revision = 3;
+        });
+        rx.changed().await.unwrap();
+        assert!(rx.borrow().ready);
+        assert_eq!(cache.current().revision, 3);
+    }
+}
