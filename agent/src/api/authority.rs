@@ -1,10 +1,11 @@
 //! Rewrites the HTTP/2 `:authority` of Workload API requests before the gRPC server sees them.
 //!
 //! The Workload API is served over a Unix socket, where the authority means nothing, and clients
-//! disagree on what to send: Rust and Go clients send `localhost`, while gRPC core (Python, Ruby,
-//! C++) and some Java clients send the socket path, percent-encoded (`%2Ftmp%2Fagent.sock`).
-//! The `h2` crate validates `:authority` as a URI authority, finds `%` in the host, and resets the
-//! stream with `RST_STREAM(PROTOCOL_ERROR)` before tonic ever sees the request. No `h2` or hyper
+//! disagree on what to send: Rust and Go clients send `localhost`, gRPC core since 1.57 (Python,
+//! Ruby, C++) sends the socket path percent-encoded (`%2Ftmp%2Fagent.sock`), and grpc-java's
+//! Netty transport sends the raw path (`/tmp/agent.sock`). The `h2` crate validates `:authority`
+//! as a URI authority, rejects all of these, and resets the stream with
+//! `RST_STREAM(PROTOCOL_ERROR)` before tonic ever sees the request. No `h2` or hyper
 //! setting relaxes that check, so [`NormalizeAuthority`] sits between the socket and the server
 //! and rewrites the pseudo-header on the wire.
 //!
@@ -147,7 +148,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NormalizeAuthority<S> {
                 return Poll::Ready(Ok(()));
             }
             match this.filter.verbatim_len() {
-                Verbatim::All => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Verbatim::All => {
+                    this.scratch = Vec::new();
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
                 Verbatim::Upto(len) if len > 0 => {
                     // The rest of a DATA (or other untouched) frame: read it straight into the
                     // caller's buffer instead of copying it through ours.
@@ -880,6 +884,10 @@ const STATIC_TABLE: [(&str, &str); 61] = [
 ];
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test that meets an unexpected error should stop right there"
+)]
 mod tests {
     use super::*;
 
@@ -1295,8 +1303,7 @@ mod tests {
             let blocks = header_blocks(&split_output(&filter_all(&input, chunk).await));
             assert_eq!(blocks.len(), 2);
             assert_eq!((blocks[0].stream_id, blocks[1].stream_id), (1, 3));
-            // A fresh decoder per block: the output never relies on, or fills, the server's
-            // dynamic table.
+            // A fresh decoder per block: the output never relies on the server's dynamic table.
             assert_eq!(
                 decode(&mut Decoder::new(), &blocks[0].fragment),
                 with_localhost(&first)
@@ -1304,6 +1311,15 @@ mod tests {
             assert_eq!(
                 decode(&mut Decoder::new(), &blocks[1].fragment),
                 with_localhost(&second)
+            );
+            // Nor does it fill it: after both blocks, the first dynamic index is still unused.
+            let mut server = Decoder::new();
+            for block in &blocks {
+                server.decode(&block.fragment).unwrap();
+            }
+            assert_eq!(
+                server.decode(&[0x80 | 62]),
+                Err(loona_hpack::decoder::DecoderError::HeaderIndexOutOfBounds)
             );
         }
     }
