@@ -1,8 +1,15 @@
 //! Mayfly server: the certificate authority and registry of a SPIFFE trust
 //! domain.
 
+pub mod admin;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod error;
+pub mod logging;
+pub mod node;
+pub mod run;
+pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;

@@ -1,0 +1,184 @@
+//! Per-call agent authentication and authorization.
+//!
+//! The TLS layer has already verified the client certificate's chain to the
+//! CA. Here, on every call, the server re-checks what the chain cannot say:
+//! that the certificate is an agent SVID of this trust domain, that the node
+//! is still attested and not banned, and that the certificate is the node's
+//! current (or freshly renewed) SVID.
+
+use std::sync::Arc;
+
+use mayfly::SpiffeId;
+use mayfly::entry::{Entry, EntryId};
+use mayfly::matching::AgentView;
+use mayfly::x509::SvidInfo;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use super::NodeCtx;
+use crate::error::{ServiceError, ServiceResult};
+use crate::store::NodeRecord;
+
+/// "attest again": the node record is gone (evicted) or never existed.
+pub const NOT_ATTESTED: &str = "agent is not attested; attest again";
+/// The node is banned.
+pub const BANNED: &str = "agent is banned";
+/// The certificate is an older SVID of the node.
+pub const SUPERSEDED: &str = "agent SVID has been superseded";
+
+/// An agent that passed the per-call checks, with the node record as read
+/// during those checks.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Its node record.
+    pub node: NodeRecord,
+    /// The aliases it was enrolled with, parsed.
+    pub aliases: Vec<SpiffeId>,
+}
+
+impl Agent {
+    fn from_node(node: NodeRecord) -> Self {
+        // Aliases were validated when the token was created; one that no
+        // longer parses grants nothing rather than failing every call.
+        let aliases = node
+            .enrolled_aliases
+            .iter()
+            .filter_map(|a| SpiffeId::new(a).ok())
+            .collect();
+        Self {
+            spiffe_id: node.spiffe_id.clone(),
+            node,
+            aliases,
+        }
+    }
+
+    /// The view the entry index authorizes against.
+    pub fn view<'a>(&'a self, server_id: &'a SpiffeId) -> AgentView<'a> {
+        AgentView {
+            server_id,
+            agent_id: &self.spiffe_id,
+            node_selectors: &self.node.selectors,
+            enrolled_aliases: &self.aliases,
+        }
+    }
+
+    /// The entry `id` if it is authorized for this agent at `now`, else
+    /// `PermissionDenied` naming the entry. Besides the index's parent rule,
+    /// the entry's `min_assurance` and `max_attestation_age` must be met.
+    pub fn authorize(
+        &self,
+        ctx: &NodeCtx,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<Arc<Entry>> {
+        let denied = |why: &str| {
+            ServiceError::PermissionDenied(format!(
+                "entry {id:?} is not authorized for agent {}{why}",
+                self.spiffe_id
+            ))
+        };
+        let entry_id: EntryId = id.parse().map_err(|_| denied(""))?;
+        let state = &ctx.state;
+        let entry = state
+            .with_index(|i| i.is_authorized(&self.view(&state.server_id), &entry_id, now))
+            .ok_or_else(|| denied(""))?;
+        if let Some(min) = entry.min_assurance
+            && self.node.assurance < min
+        {
+            return Err(denied(&format!(
+                ": it requires {min} assurance and the node has {}",
+                self.node.assurance
+            )));
+        }
+        if let Some(age) = entry.max_attestation_age
+            && now - self.node.attested_at > age.as_time()
+        {
+            return Err(denied(&format!(
+                ": it requires a node attestation within {age}"
+            )));
+        }
+        Ok(entry)
+    }
+}
+
+/// The leaf of the client's verified chain, or `Unauthenticated`.
+pub fn peer_leaf(certs: Option<&[CertificateDer<'static>]>) -> ServiceResult<SvidInfo> {
+    let leaf = certs.and_then(<[_]>::first).ok_or_else(|| {
+        ServiceError::Unauthenticated(
+            "this call needs the agent's X.509-SVID as TLS client certificate".into(),
+        )
+    })?;
+    SvidInfo::from_der(leaf).map_err(|e| {
+        ServiceError::Unauthenticated(format!("the client certificate is not an SVID: {e}"))
+    })
+}
+
+/// Checks the client SVID against the stored node. Blocking (it may write
+/// the node when a renewed SVID is first used).
+pub fn authenticate(ctx: &NodeCtx, svid: &SvidInfo) -> ServiceResult<Agent> {
+    let state = &ctx.state;
+    let id = &svid.spiffe_id;
+    if !id.is_member_of(state.trust_domain()) || !mayfly::id::is_agent_id(id) {
+        return Err(ServiceError::Unauthenticated(format!(
+            "{id} is not an agent of trust domain {}",
+            state.trust_domain()
+        )));
+    }
+    if svid.not_after <= state.now() {
+        return Err(ServiceError::Unauthenticated(
+            "agent SVID has expired; attest again".into(),
+        ));
+    }
+    let key = id.to_string();
+    let node = state
+        .store
+        .get_node(&key)?
+        .ok_or_else(|| ServiceError::Unauthenticated(NOT_ATTESTED.into()))?;
+    check_usable(&node)?;
+    if node.current_serial == svid.serial_hex {
+        return Ok(Agent::from_node(node));
+    }
+    if node.next_serial.as_deref() != Some(svid.serial_hex.as_str()) {
+        return Err(ServiceError::Unauthenticated(SUPERSEDED.into()));
+    }
+    // First use of a renewed SVID: it becomes current and the old one stops
+    // working.
+    let node = ctx.update_node(&key, |n| {
+        if n.next_serial.as_deref() == Some(svid.serial_hex.as_str()) {
+            n.current_serial = svid.serial_hex.clone();
+            n.next_serial = None;
+            n.svid_expires_at = svid.not_after;
+            Ok(())
+        } else if n.current_serial == svid.serial_hex {
+            // Another call promoted it first.
+            Ok(())
+        } else {
+            Err(ServiceError::Unauthenticated(SUPERSEDED.into()))
+        }
+    })?;
+    tracing::info!(agent = %id, serial = %svid.serial_hex, "agent switched to its renewed SVID");
+    Ok(Agent::from_node(node))
+}
+
+/// `PermissionDenied` for a banned node.
+pub fn check_usable(node: &NodeRecord) -> ServiceResult<()> {
+    if node.banned {
+        return Err(ServiceError::PermissionDenied(BANNED.into()));
+    }
+    Ok(())
+}
+
+/// Re-reads the node of a long-lived stream: gone → `Unauthenticated`,
+/// banned → `PermissionDenied`, else the agent with its current record.
+/// Blocking.
+pub fn recheck(ctx: &NodeCtx, spiffe_id: &SpiffeId) -> ServiceResult<Agent> {
+    let node = ctx
+        .state
+        .store
+        .get_node(&spiffe_id.to_string())?
+        .ok_or_else(|| ServiceError::Unauthenticated(NOT_ATTESTED.into()))?;
+    check_usable(&node)?;
+    Ok(Agent::from_node(node))
+}

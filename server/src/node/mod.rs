@@ -1,0 +1,337 @@
+//! The node API: the gRPC service agents call, over TLS on
+//! `server.bind_address`. The contract is `docs/architecture.md`, "Node API
+//! contract".
+//!
+//! - `auth`: per-call agent authentication and entry authorization
+//! - `attest`, `renew`, `sync`, `sign`: one module per call
+//! - `status`: `ServiceError` → `tonic::Status`
+//!
+//! Connections are accepted here: each TLS handshake runs in its own task
+//! (bounded in time and number), and finished streams are handed to tonic.
+
+pub mod attest;
+pub mod auth;
+pub mod renew;
+pub mod sign;
+pub mod status;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use mayfly::proto::node::node_server::{Node, NodeServer};
+use mayfly::proto::node::{
+    AttestRequest, AttestResponse, MintJwtRequest, MintJwtResponse, RenewRequest, RenewResponse,
+    SignX509Request, SignX509Response, SyncRequest, SyncResponse, attest_response,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+use tracing::field::{Empty, display};
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::state::ServerState;
+use crate::store::NodeRecord;
+use crate::tls::{self, SvidResolver, TlsError};
+use auth::Agent;
+
+/// How long a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many handshakes may run at once; further accepts wait.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// Why the node API could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeApiError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The gRPC server failed.
+    #[error("node API server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// What the node API handlers share.
+#[derive(Debug)]
+pub struct NodeCtx {
+    /// The server state.
+    pub state: Arc<ServerState>,
+    // Serialises read-modify-write of node records made by this API
+    // (attestation, renewal, promotion of a renewed SVID).
+    node_writes: Mutex<()>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl NodeCtx {
+    /// Handler context over `state`; long-lived streams end when
+    /// `shutdown` turns true.
+    pub fn new(state: Arc<ServerState>, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            state,
+            node_writes: Mutex::new(()),
+            shutdown,
+        }
+    }
+
+    /// Stores a node. Blocking.
+    pub fn put_node(&self, node: &NodeRecord) -> ServiceResult<()> {
+        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.state.store.put_node(node)?;
+        Ok(())
+    }
+
+    /// Reads, changes and stores a node as one step with respect to the
+    /// other writers of this API. Absent → `Unauthenticated` (not
+    /// attested). Blocking.
+    pub fn update_node(
+        &self,
+        spiffe_id: &str,
+        f: impl FnOnce(&mut NodeRecord) -> ServiceResult<()>,
+    ) -> ServiceResult<NodeRecord> {
+        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut node = self
+            .state
+            .store
+            .get_node(spiffe_id)?
+            .ok_or_else(|| ServiceError::Unauthenticated(auth::NOT_ATTESTED.into()))?;
+        f(&mut node)?;
+        self.state.store.put_node(&node)?;
+        Ok(node)
+    }
+}
+
+/// Runs blocking store work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ServiceResult<T> + Send + 'static,
+) -> ServiceResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// The `mayfly.node.v1.Node` service.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    ctx: Arc<NodeCtx>,
+}
+
+impl NodeService {
+    /// The service over `ctx`.
+    pub fn new(ctx: Arc<NodeCtx>) -> Self {
+        Self { ctx }
+    }
+
+    /// Authenticates the calling agent and records it on the current span.
+    async fn agent<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
+        let certs = req.peer_certs();
+        let svid = auth::peer_leaf(certs.as_deref().map(Vec::as_slice))?;
+        let ctx = Arc::clone(&self.ctx);
+        let agent = blocking(move || auth::authenticate(&ctx, &svid)).await;
+        let agent = agent.inspect_err(|e| tracing::info!(reason = %e, "refused agent"))?;
+        tracing::Span::current().record("agent", display(&agent.spiffe_id));
+        Ok(agent)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type AttestStream = BoxStream<AttestResponse>;
+    type SyncStream = BoxStream<SyncResponse>;
+
+    async fn attest(
+        &self,
+        request: Request<Streaming<AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let span = tracing::info_span!(
+            "node.attest",
+            peer = ?request.remote_addr(),
+            attestor = Empty,
+            agent = Empty
+        );
+        let ctx = Arc::clone(&self.ctx);
+        let result = attest::attest(ctx, request.into_inner())
+            .instrument(span.clone())
+            .await
+            .inspect_err(|s| span.in_scope(|| tracing::info!(code = ?s.code(), message = s.message(), "attestation refused")))?;
+        let msg = AttestResponse {
+            step: Some(attest_response::Step::Result(result)),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(msg)]))))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let span = tracing::info_span!("node.renew", agent = Empty);
+        async {
+            let agent = self.agent(&request).await?;
+            let ctx = Arc::clone(&self.ctx);
+            let req = request.into_inner();
+            let resp = blocking(move || renew::renew(&ctx, &agent, &req))
+                .in_current_span()
+                .await?;
+            Ok(Response::new(resp))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn sync(
+        &self,
+        request: Request<SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let span = tracing::info_span!("node.sync", agent = Empty);
+        async {
+            let agent = self.agent(&request).await?;
+            tracing::info!("sync stream opened");
+            let stream = sync::stream(Arc::clone(&self.ctx), agent);
+            Ok(Response::new(Box::pin(stream) as Self::SyncStream))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn sign_x509(
+        &self,
+        request: Request<SignX509Request>,
+    ) -> Result<Response<SignX509Response>, Status> {
+        let span = tracing::info_span!("node.sign_x509", agent = Empty);
+        async {
+            let agent = self.agent(&request).await?;
+            let req = request.into_inner();
+            // Signing is CPU work and touches no store: no blocking pool.
+            let resp = sign::sign_x509(&self.ctx, &agent, &req)
+                .inspect_err(|e| tracing::info!(reason = %e, "refused SignX509"))?;
+            Ok(Response::new(resp))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn mint_jwt(
+        &self,
+        request: Request<MintJwtRequest>,
+    ) -> Result<Response<MintJwtResponse>, Status> {
+        let span = tracing::info_span!("node.mint_jwt", agent = Empty, entry = Empty);
+        async {
+            let agent = self.agent(&request).await?;
+            let req = request.into_inner();
+            tracing::Span::current().record("entry", req.entry_id.as_str());
+            let resp = sign::mint_jwt(&self.ctx, &agent, &req)
+                .inspect_err(|e| tracing::info!(reason = %e, "refused MintJwt"))?;
+            Ok(Response::new(resp))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Binds the node API's TCP listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, NodeApiError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeApiError::Bind { addr, source })
+}
+
+/// Starts the node API on `listener`: issues the server SVID, starts its
+/// renewal, and serves until `shutdown` turns true. Setup errors are
+/// returned at once; the handle yields the outcome of serving. Open `Sync`
+/// streams end with `Unavailable` on shutdown so that connections drain.
+pub fn start(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<Result<(), NodeApiError>>, NodeApiError> {
+    let svid = tls::issue_server_svid(&state, &tls::provider())?;
+    let resolver = Arc::new(SvidResolver::new(svid));
+    let config = tls::server_config(&state, Arc::clone(&resolver))?;
+    tokio::spawn(tls::renew_server_svid(
+        Arc::clone(&state),
+        resolver,
+        shutdown.clone(),
+    ));
+
+    let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(64);
+    tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(config),
+        tx,
+        shutdown.clone(),
+    ));
+
+    let service = NodeService::new(Arc::new(NodeCtx::new(state, shutdown.clone())));
+    let mut signal = shutdown;
+    Ok(tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(NodeServer::new(service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                async move {
+                    let _ = signal.wait_for(|stop| *stop).await;
+                },
+            )
+            .await?;
+        Ok(())
+    }))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    streams: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "node API accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let streams = streams.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = streams.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "node API TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "node API TLS handshake timed out"),
+            }
+        });
+    }
+}

@@ -1,0 +1,69 @@
+//! `SignX509` and `MintJwt`: SVIDs for entries authorized for the calling
+//! agent now. Identity, DNS names and lifetime come from the entry, never
+//! from the request.
+
+use mayfly::proto::node::{
+    MintJwtRequest, MintJwtResponse, SignX509Request, SignX509Response, X509SignResult,
+};
+use mayfly::x509::VerifiedCsr;
+
+use super::NodeCtx;
+use super::auth::Agent;
+use crate::error::{ServiceError, ServiceResult};
+
+/// The most items one `SignX509` call may carry.
+pub const MAX_SIGN_ITEMS: usize = 256;
+
+/// Signs every item or none: the first refused item fails the call,
+/// naming its entry.
+pub fn sign_x509(
+    ctx: &NodeCtx,
+    agent: &Agent,
+    req: &SignX509Request,
+) -> ServiceResult<SignX509Response> {
+    if req.items.is_empty() {
+        return Err(ServiceError::InvalidArgument("no items to sign".into()));
+    }
+    if req.items.len() > MAX_SIGN_ITEMS {
+        return Err(ServiceError::InvalidArgument(format!(
+            "at most {MAX_SIGN_ITEMS} items per call, got {}",
+            req.items.len()
+        )));
+    }
+    let state = &ctx.state;
+    let mut results = Vec::with_capacity(req.items.len());
+    for item in &req.items {
+        let span = tracing::info_span!("item", entry = %item.entry_id, task = %item.task_id);
+        let _enter = span.enter();
+        let entry = agent.authorize(ctx, &item.entry_id, state.now())?;
+        let csr = VerifiedCsr::from_der(&item.csr)
+            .map_err(|e| ServiceError::InvalidArgument(format!("entry {}: {e}", item.entry_id)))?;
+        let signed = state.sign_x509_svid(
+            &entry.spiffe_id,
+            &csr,
+            entry.x509_svid_ttl,
+            &entry.dns_names,
+        )?;
+        tracing::info!(spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex(), not_after = %signed.not_after, "signed X.509-SVID");
+        results.push(X509SignResult {
+            entry_id: item.entry_id.clone(),
+            svid_chain: vec![signed.der],
+            expires_at: signed.not_after.unix_timestamp(),
+        });
+    }
+    Ok(SignX509Response { results })
+}
+
+/// Mints a JWT-SVID for the entry.
+pub fn mint_jwt(
+    ctx: &NodeCtx,
+    agent: &Agent,
+    req: &MintJwtRequest,
+) -> ServiceResult<MintJwtResponse> {
+    let state = &ctx.state;
+    let entry = agent.authorize(ctx, &req.entry_id, state.now())?;
+    let (token, expires_at, jti) =
+        state.mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
+    tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
+    Ok(MintJwtResponse { token, expires_at })
+}

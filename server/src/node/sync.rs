@@ -1,0 +1,222 @@
+//! `Sync`: an agent's authorized entries and the trust bundle, as a full
+//! snapshot and then deltas driven by the server's change feed.
+//!
+//! Deltas are computed by diffing the agent's authorized set before and
+//! after each change rather than from the changed ids alone, so that a
+//! change to a node alias entry (which moves many entries in or out of an
+//! agent's reach) is delivered correctly. Entries that expire are removed
+//! when they expire, without any change event.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use mayfly::bundle::TrustBundle;
+use mayfly::entry::{Entry, EntryId};
+use mayfly::proto::node::SyncResponse;
+use time::OffsetDateTime;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::Status;
+
+use super::auth::{self, Agent};
+use super::{NodeCtx, blocking};
+use crate::state::ChangeEvent;
+
+/// The longest a stream sleeps before re-checking expiries; bounds the
+/// effect of a wall clock that jumps.
+const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(300);
+
+/// What the agent has been sent: entry ids with their revisions, and the
+/// bundle.
+#[derive(Debug, Default)]
+struct Sent {
+    entries: BTreeMap<EntryId, u64>,
+    bundle: Option<TrustBundle>,
+}
+
+/// The agent's authorized set now, and when the next entry in it (or node
+/// alias granting it) expires.
+struct View {
+    entries: BTreeMap<EntryId, Arc<Entry>>,
+    revision: u64,
+    next_expiry: Option<OffsetDateTime>,
+}
+
+fn view(ctx: &NodeCtx, agent: &Agent, now: OffsetDateTime) -> View {
+    let state = &ctx.state;
+    state.with_index(|index| {
+        let entries = index.authorized_for(&agent.view(&state.server_id), now);
+        let next_expiry = entries
+            .values()
+            .map(Arc::as_ref)
+            .chain(index.children(&state.server_id).map(Arc::as_ref))
+            .filter_map(|e| e.expires_at)
+            .filter(|at| *at > now)
+            .min();
+        View {
+            entries,
+            revision: state.revision(),
+            next_expiry,
+        }
+    })
+}
+
+/// A full snapshot; replaces what was sent.
+fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<OffsetDateTime>) {
+    let v = view(ctx, agent, ctx.state.now());
+    let bundle = ctx.state.bundle();
+    let msg = SyncResponse {
+        revision: v.revision,
+        full: true,
+        upserted: v.entries.values().map(|e| e.to_proto()).collect(),
+        removed_entry_ids: Vec::new(),
+        bundle: Some(bundle.to_proto()),
+    };
+    sent.entries = v
+        .entries
+        .iter()
+        .map(|(id, e)| (id.clone(), e.revision))
+        .collect();
+    sent.bundle = Some(bundle);
+    (msg, v.next_expiry)
+}
+
+/// The changes since what was sent, or `None` when nothing the agent holds
+/// changed.
+fn delta(
+    ctx: &NodeCtx,
+    agent: &Agent,
+    sent: &mut Sent,
+) -> (Option<SyncResponse>, Option<OffsetDateTime>) {
+    let v = view(ctx, agent, ctx.state.now());
+    let upserted: Vec<_> = v
+        .entries
+        .iter()
+        .filter(|(id, e)| sent.entries.get(*id) != Some(&e.revision))
+        .map(|(_, e)| e.to_proto())
+        .collect();
+    let removed: Vec<String> = sent
+        .entries
+        .keys()
+        .filter(|id| !v.entries.contains_key(*id))
+        .map(ToString::to_string)
+        .collect();
+    let bundle = ctx.state.bundle();
+    let bundle_changed = sent.bundle.as_ref() != Some(&bundle);
+    if upserted.is_empty() && removed.is_empty() && !bundle_changed {
+        return (None, v.next_expiry);
+    }
+    sent.entries = v
+        .entries
+        .iter()
+        .map(|(id, e)| (id.clone(), e.revision))
+        .collect();
+    let msg = SyncResponse {
+        revision: v.revision,
+        full: false,
+        upserted,
+        removed_entry_ids: removed,
+        bundle: bundle_changed.then(|| bundle.to_proto()),
+    };
+    sent.bundle = Some(bundle);
+    (Some(msg), v.next_expiry)
+}
+
+fn wait_for(ctx: &NodeCtx, at: Option<OffsetDateTime>) -> Duration {
+    at.map_or(MAX_EXPIRY_WAIT, |at| {
+        let left = at - ctx.state.now();
+        Duration::try_from(left)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_EXPIRY_WAIT)
+    })
+}
+
+/// What a wake-up of the stream calls for.
+enum Step {
+    /// A change that does not concern this agent.
+    Nothing,
+    /// Recompute and send what changed, if anything.
+    Delta,
+    /// Re-read the node (ban, eviction), then a delta or a full snapshot.
+    Recheck { then_full: bool },
+    /// End the stream: the server is stopping.
+    ShuttingDown,
+}
+
+/// The response stream of one `Sync` call. It ends with the node's status
+/// when the agent is banned (`PermissionDenied`) or evicted
+/// (`Unauthenticated`), and with `Unavailable` when the server shuts down.
+pub fn stream(
+    ctx: Arc<NodeCtx>,
+    agent: Agent,
+) -> impl Stream<Item = Result<SyncResponse, Status>> + Send + 'static {
+    async_stream::stream! {
+        // Subscribe before the snapshot so that no change falls between.
+        let mut events = ctx.state.subscribe();
+        let mut shutdown = ctx.shutdown.clone();
+        let mut agent = agent;
+        let mut sent = Sent::default();
+        let agent_key = agent.spiffe_id.to_string();
+        let (msg, mut next_expiry) = full(&ctx, &agent, &mut sent);
+        tracing::debug!(agent = %agent_key, entries = msg.upserted.len(), "sync: full snapshot");
+        yield Ok(msg);
+        loop {
+            let sleep = tokio::time::sleep(wait_for(&ctx, next_expiry));
+            let step = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => Step::ShuttingDown,
+                () = sleep => Step::Delta,
+                ev = events.recv() => match ev {
+                    Ok(ChangeEvent::Entries { .. } | ChangeEvent::Bundle) => Step::Delta,
+                    Ok(ChangeEvent::Node { spiffe_id }) if spiffe_id != agent_key => Step::Nothing,
+                    Ok(ChangeEvent::Node { .. }) => Step::Recheck { then_full: false },
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(agent = %agent_key, missed, "sync: fell behind the change feed; resending a full snapshot");
+                        // A missed event may have been a ban: re-check too.
+                        Step::Recheck { then_full: true }
+                    }
+                    Err(RecvError::Closed) => Step::ShuttingDown,
+                },
+            };
+            let send_full = match step {
+                Step::Nothing => continue,
+                Step::ShuttingDown => {
+                    yield Err(Status::unavailable("the server is shutting down"));
+                    break;
+                }
+                Step::Delta => false,
+                Step::Recheck { then_full } => {
+                    let task_ctx = Arc::clone(&ctx);
+                    let id = agent.spiffe_id.clone();
+                    match blocking(move || auth::recheck(&task_ctx, &id)).await {
+                        Ok(a) => agent = a,
+                        Err(e) => {
+                            tracing::info!(agent = %agent_key, reason = %e, "sync: stream ended");
+                            yield Err(e.into());
+                            break;
+                        }
+                    }
+                    then_full
+                }
+            };
+            if send_full {
+                let (msg, next) = full(&ctx, &agent, &mut sent);
+                next_expiry = next;
+                yield Ok(msg);
+            } else {
+                let (msg, next) = delta(&ctx, &agent, &mut sent);
+                next_expiry = next;
+                if let Some(msg) = msg {
+                    tracing::debug!(
+                        agent = %agent_key,
+                        revision = msg.revision,
+                        upserted = msg.upserted.len(),
+                        removed = msg.removed_entry_ids.len(),
+                        "sync: delta"
+                    );
+                    yield Ok(msg);
+                }
+            }
+        }
+    }
+}
