@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 use crate::ca::Authorities;
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
-use crate::store::Store;
+use crate::store::{NodeRecord, Store};
 
 /// A change that `Sync` streams may need to push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,9 @@ pub struct ServerState {
     index: RwLock<EntryIndex>,
     // Serialises writers so that store order, index order and revision order agree.
     write_lock: Mutex<()>,
+    // Serialises read-modify-write of node records (node API and admin API
+    // alike), so that a ban can never be overwritten by a concurrent renewal.
+    node_writes: Mutex<()>,
     events: broadcast::Sender<ChangeEvent>,
     revision: AtomicU64,
     bundle_sequence: AtomicU64,
@@ -81,6 +84,7 @@ impl ServerState {
             authorities,
             index: RwLock::new(index),
             write_lock: Mutex::new(()),
+            node_writes: Mutex::new(()),
             events,
             revision: AtomicU64::new(revision),
             bundle_sequence: AtomicU64::new(1),
@@ -158,6 +162,35 @@ impl ServerState {
             ids: vec![id.clone()],
         });
         Ok(removed)
+    }
+
+    /// Stores a node record (new or replaced). Blocking.
+    pub fn put_node(&self, node: &NodeRecord) -> ServiceResult<()> {
+        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.put_node(node)?;
+        Ok(())
+    }
+
+    /// Reads, changes and stores a node as one step with respect to every
+    /// other node writer. `None` when there is no such node. Blocking.
+    pub fn update_node(
+        &self,
+        spiffe_id: &str,
+        f: impl FnOnce(&mut NodeRecord) -> ServiceResult<()>,
+    ) -> ServiceResult<Option<NodeRecord>> {
+        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut node) = self.store.get_node(spiffe_id)? else {
+            return Ok(None);
+        };
+        f(&mut node)?;
+        self.store.put_node(&node)?;
+        Ok(Some(node))
+    }
+
+    /// Deletes a node record, returning it. Blocking.
+    pub fn remove_node(&self, spiffe_id: &str) -> ServiceResult<Option<NodeRecord>> {
+        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.store.delete_node(spiffe_id)?)
     }
 
     /// Tells subscribers that a node changed (ban, evict, re-attestation).

@@ -18,7 +18,7 @@ pub mod sync;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -72,9 +72,6 @@ pub enum NodeApiError {
 pub struct NodeCtx {
     /// The server state.
     pub state: Arc<ServerState>,
-    // Serialises read-modify-write of node records made by this API
-    // (attestation, renewal, promotion of a renewed SVID).
-    node_writes: Mutex<()>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -82,18 +79,12 @@ impl NodeCtx {
     /// Handler context over `state`; long-lived streams end when
     /// `shutdown` turns true.
     pub fn new(state: Arc<ServerState>, shutdown: watch::Receiver<bool>) -> Self {
-        Self {
-            state,
-            node_writes: Mutex::new(()),
-            shutdown,
-        }
+        Self { state, shutdown }
     }
 
     /// Stores a node. Blocking.
     pub fn put_node(&self, node: &NodeRecord) -> ServiceResult<()> {
-        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
-        self.state.store.put_node(node)?;
-        Ok(())
+        self.state.put_node(node)
     }
 
     /// Reads, changes and stores a node as one step with respect to the
@@ -104,15 +95,9 @@ impl NodeCtx {
         spiffe_id: &str,
         f: impl FnOnce(&mut NodeRecord) -> ServiceResult<()>,
     ) -> ServiceResult<NodeRecord> {
-        let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut node = self
-            .state
-            .store
-            .get_node(spiffe_id)?
-            .ok_or_else(|| ServiceError::Unauthenticated(auth::NOT_ATTESTED.into()))?;
-        f(&mut node)?;
-        self.state.store.put_node(&node)?;
-        Ok(node)
+        self.state
+            .update_node(spiffe_id, f)?
+            .ok_or_else(|| ServiceError::Unauthenticated(auth::NOT_ATTESTED.into()))
     }
 }
 

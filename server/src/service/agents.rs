@@ -94,11 +94,12 @@ impl ServerState {
     /// Bans an agent: it is refused on its next call and every call after,
     /// and its `Sync` stream ends. Returns the updated record.
     pub fn ban_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
-        let mut node = self.get_agent(id)?;
-        if !node.banned {
-            node.banned = true;
-            self.store.put_node(&node)?;
-        }
+        let node = self
+            .update_node(&id.to_string(), |n| {
+                n.banned = true;
+                Ok(())
+            })?
+            .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent banned");
         Ok(node)
@@ -108,8 +109,7 @@ impl ServerState {
     /// refused and it must attest again. Returns the removed record.
     pub fn evict_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
         let node = self
-            .store
-            .delete_node(&id.to_string())?
+            .remove_node(&id.to_string())?
             .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent evicted");
