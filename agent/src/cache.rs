@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use mayfly::SpiffeId;
 use mayfly::bundle::TrustBundle;
 use mayfly::entry::{Entry, EntryId};
-use mayfly::SpiffeId;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use zeroize::Zeroizing;

@@ -1,2 +1,11 @@
 pub mod api;
+pub mod attest;
 pub mod cache;
+pub mod client;
+pub mod config;
+pub mod health;
+pub mod logging;
+pub mod run;
+pub mod storage;
+pub mod sync;
+pub mod workload;

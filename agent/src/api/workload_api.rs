@@ -1,0 +1,785 @@
+//! The SPIFFE Workload API service (`/SpiffeWorkloadAPI/*`), answered from the agent's
+//! [`Cache`].
+//!
+//! Every call: the `workload.spiffe.io: true` metadata must be present (else `InvalidArgument`);
+//! an agent that has not synced yet answers `Unavailable`; the caller is attested from the
+//! connection's peer credentials and matched against the cached entries, and a caller that
+//! matches none gets `PermissionDenied`. Streams send the full state at once and again whenever
+//! what this caller would get changes; a missing item means it was removed.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use mayfly::bundle::TrustBundle;
+use mayfly::clock::{Clock, SystemClock};
+use mayfly::entry::{Entry, EntryId};
+use mayfly::matching::matching_entries;
+use mayfly::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use mayfly::proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
+};
+use mayfly::selector::SelectorSet;
+use mayfly::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::Span;
+
+use crate::cache::{Cache, CachedSvid, Snapshot};
+use crate::workload::{AttestError, PeerInfo, WorkloadAttestor};
+
+/// The metadata key every Workload API request must carry, with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How long a stream waits for a matched entry's first X.509-SVID (or the first bundle) before
+/// it ends with `Unavailable`.
+pub const DEFAULT_PENDING_WAIT: Duration = Duration::from_secs(30);
+
+/// Mints JWT-SVIDs for the Workload API. The agent implements it with a call to the server
+/// (`MintJwt`); tests implement it with a local key.
+#[tonic::async_trait]
+pub trait JwtMinter: Send + Sync {
+    /// A JWT-SVID for the entry `entry_id` and `audience` (never empty): the compact token and
+    /// its expiry (Unix seconds). Errors are returned to the workload as they are.
+    async fn mint_jwt(
+        &self,
+        entry_id: &EntryId,
+        audience: &[String],
+    ) -> Result<(String, i64), tonic::Status>;
+}
+
+/// Why a Workload API call was refused. Mapped to a gRPC status in one place
+/// (`From<ApiError> for Status`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request lacks `workload.spiffe.io: true` (`InvalidArgument`).
+    #[error("security header missing from request")]
+    MissingSecurityHeader,
+    /// A request field is missing or invalid (`InvalidArgument`).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The agent has not completed its first sync (`Unavailable`).
+    #[error("agent is not ready yet; retry")]
+    NotReady,
+    /// Something the caller is entitled to is not available yet (`Unavailable`).
+    #[error("{0} is not available yet; retry")]
+    Pending(&'static str),
+    /// The agent is shutting down (`Unavailable`).
+    #[error("agent is shutting down")]
+    ShuttingDown,
+    /// The connection carries no peer credentials, so the caller cannot be attested
+    /// (`PermissionDenied`).
+    #[error("caller cannot be identified")]
+    NoPeer,
+    /// Attesting the caller failed, for example because it exited (`PermissionDenied`).
+    #[error("could not attest the caller: {0}")]
+    Attestation(#[from] AttestError),
+    /// The caller matches no entry (`PermissionDenied`).
+    #[error("no identity issued")]
+    NoIdentity,
+    /// The caller asked for a SPIFFE ID it does not match (`PermissionDenied`).
+    #[error("no identity issued for {0}")]
+    NotEntitled(String),
+    /// A JWT-SVID did not validate (`InvalidArgument`).
+    #[error("{0}")]
+    InvalidToken(#[from] mayfly::jwt::JwtError),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::MissingSecurityHeader
+            | ApiError::InvalidArgument(_)
+            | ApiError::InvalidToken(_) => Status::invalid_argument(msg),
+            ApiError::NotReady | ApiError::Pending(_) | ApiError::ShuttingDown => {
+                Status::unavailable(msg)
+            }
+            ApiError::NoPeer
+            | ApiError::Attestation(_)
+            | ApiError::NoIdentity
+            | ApiError::NotEntitled(_) => Status::permission_denied(msg),
+        }
+    }
+}
+
+/// The Workload API service. Build it with [`WorkloadApi::new`], then serve
+/// [`WorkloadApi::into_server`] over [`super::listener::incoming`] connections (which supply
+/// each request's [`PeerInfo`]), or use [`super::serve`].
+pub struct WorkloadApi {
+    cache: Cache,
+    attestor: Arc<dyn WorkloadAttestor>,
+    minter: Arc<dyn JwtMinter>,
+    trust_domain: TrustDomain,
+    clock: Arc<dyn Clock>,
+    pending_wait: Duration,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadApi")
+            .field("trust_domain", &self.trust_domain)
+            .field("attestor", &self.attestor)
+            .field("pending_wait", &self.pending_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Ends every open stream of a [`WorkloadApi`] (with `Unavailable`, so that clients reconnect
+/// to the next agent), so that a graceful shutdown does not wait for them forever.
+#[derive(Debug, Clone)]
+pub struct StopStreams(Arc<watch::Sender<bool>>);
+
+impl StopStreams {
+    /// Ends every open stream, and every stream opened from now on.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl WorkloadApi {
+    /// A service answering from `cache`, attesting callers with `attestor`, minting JWT-SVIDs
+    /// with `minter`, and keying bundles by `trust_domain`.
+    pub fn new(
+        cache: Cache,
+        attestor: Arc<dyn WorkloadAttestor>,
+        minter: Arc<dyn JwtMinter>,
+        trust_domain: TrustDomain,
+    ) -> Self {
+        let (stop, _) = watch::channel(false);
+        Self {
+            cache,
+            attestor,
+            minter,
+            trust_domain,
+            clock: Arc::new(SystemClock),
+            pending_wait: DEFAULT_PENDING_WAIT,
+            stop: Arc::new(stop),
+        }
+    }
+
+    /// Uses `clock` for expiry decisions instead of the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// How long a stream waits for a pending SVID or bundle before answering `Unavailable`
+    /// (default [`DEFAULT_PENDING_WAIT`]).
+    pub fn with_pending_wait(mut self, wait: Duration) -> Self {
+        self.pending_wait = wait;
+        self
+    }
+
+    /// A handle that ends every open stream.
+    pub fn stop_handle(&self) -> StopStreams {
+        StopStreams(Arc::clone(&self.stop))
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// The trust domain's bundle key in bundle maps: its SPIFFE ID (`spiffe://example.org`), as
+    /// SPIRE sends it; the Rust `spiffe` crate and go-spiffe accept this form.
+    fn bundle_key(&self) -> String {
+        self.trust_domain.id_string()
+    }
+
+    /// The checks every call starts with: the security header, readiness, attestation.
+    async fn admit<T>(&self, request: &Request<T>, method: &'static str) -> Result<Caller, Status> {
+        let peer = request.extensions().get::<PeerInfo>().copied();
+        let span = match peer {
+            Some(p) => tracing::info_span!("workload_api", method, pid = p.pid, uid = p.uid),
+            None => tracing::info_span!("workload_api", method),
+        };
+        let fail = |span: &Span, e: ApiError| {
+            tracing::info!(parent: span, error = %e, "request refused");
+            Status::from(e)
+        };
+        if !security_header_ok(request) {
+            return Err(fail(&span, ApiError::MissingSecurityHeader));
+        }
+        if !self.cache.current().ready {
+            return Err(fail(&span, ApiError::NotReady));
+        }
+        let Some(peer) = peer else {
+            return Err(fail(&span, ApiError::NoPeer));
+        };
+        let selectors = match self.attestor.attest(&peer).await {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&span, e.into())),
+        };
+        tracing::debug!(parent: &span, selectors = selectors.len(), "caller attested");
+        Ok(Caller { selectors, span })
+    }
+
+    /// The caller's matching entries in `snap`, or `PermissionDenied`.
+    fn matches<'a>(&self, snap: &'a Snapshot, caller: &Caller) -> Result<Vec<&'a Entry>, ApiError> {
+        let now = self.clock.now();
+        let found = matching_entries(
+            snap.entries.values().map(Arc::as_ref),
+            &caller.selectors,
+            now,
+        );
+        if found.is_empty() {
+            return Err(ApiError::NoIdentity);
+        }
+        Ok(found)
+    }
+
+    /// Starts a stream: admission and an initial match, then `follow`.
+    async fn open_stream<K, T>(
+        &self,
+        caller: Caller,
+        view: impl Fn(&Snapshot, &SelectorSet, OffsetDateTime) -> View<K> + Send + 'static,
+        render: impl Fn(&Snapshot, &K) -> T + Send + 'static,
+    ) -> Result<ResponseStream<T>, Status>
+    where
+        K: PartialEq + Send + 'static,
+        T: Send + 'static,
+    {
+        let snap = self.cache.current();
+        if let Err(e) = self.matches(&snap, &caller) {
+            tracing::info!(parent: &caller.span, error = %e, "request refused");
+            return Err(e.into());
+        }
+        tracing::debug!(parent: &caller.span, "stream opened");
+        Ok(follow(
+            Follow {
+                rx: self.cache.subscribe(),
+                stop: self.stop.subscribe(),
+                clock: Arc::clone(&self.clock),
+                pending_wait: self.pending_wait,
+                caller,
+            },
+            view,
+            render,
+        ))
+    }
+}
+
+/// An admitted caller.
+struct Caller {
+    selectors: SelectorSet,
+    span: Span,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// What a stream's caller would get from one snapshot.
+enum View<K> {
+    /// Something to send, identified by `key` (sent only when it differs from the last one),
+    /// to be looked at again at `refresh_at` at the latest (an SVID expires then).
+    Ready {
+        key: K,
+        refresh_at: Option<OffsetDateTime>,
+    },
+    /// The caller is entitled to something not available yet; wait for a change.
+    Pending(&'static str),
+    /// End the stream with this error.
+    Denied(ApiError),
+}
+
+struct Follow {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    stop: watch::Receiver<bool>,
+    clock: Arc<dyn Clock>,
+    pending_wait: Duration,
+    caller: Caller,
+}
+
+/// What woke a stream up.
+enum Wake {
+    Changed,
+    Timer,
+    Closed,
+    Stop,
+}
+
+/// Drives a stream: evaluates `view` on every cache change (and when the last answer's
+/// `refresh_at` passes), sends `render`'s message when the key changed, waits at most
+/// `pending_wait` for pending items, and ends on denial or shutdown.
+fn follow<K, T>(
+    f: Follow,
+    view: impl Fn(&Snapshot, &SelectorSet, OffsetDateTime) -> View<K> + Send + 'static,
+    render: impl Fn(&Snapshot, &K) -> T + Send + 'static,
+) -> ResponseStream<T>
+where
+    K: PartialEq + Send + 'static,
+    T: Send + 'static,
+{
+    let Follow {
+        mut rx,
+        mut stop,
+        clock,
+        pending_wait,
+        caller,
+    } = f;
+    Box::pin(async_stream::stream! {
+        let mut last: Option<K> = None;
+        let mut pending_since: Option<tokio::time::Instant> = None;
+        loop {
+            if *stop.borrow_and_update() {
+                yield Err(ApiError::ShuttingDown.into());
+                break;
+            }
+            let snap = rx.borrow_and_update().clone();
+            let now = clock.now();
+            let (sleep_for, pending) = match view(&snap, &caller.selectors, now) {
+                View::Denied(e) => {
+                    tracing::info!(parent: &caller.span, error = %e, "stream ended");
+                    yield Err(e.into());
+                    break;
+                }
+                View::Pending(what) => {
+                    let since = *pending_since.get_or_insert_with(tokio::time::Instant::now);
+                    let left = pending_wait.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        let e = ApiError::Pending(what);
+                        tracing::info!(parent: &caller.span, error = %e, "stream ended");
+                        yield Err(e.into());
+                        break;
+                    }
+                    (Some(left), Some(what))
+                }
+                View::Ready { key, refresh_at } => {
+                    pending_since = None;
+                    if last.as_ref() != Some(&key) {
+                        let message = render(&snap, &key);
+                        last = Some(key);
+                        tracing::debug!(parent: &caller.span, "update sent");
+                        yield Ok(message);
+                    }
+                    let sleep_for = refresh_at.map(|at| {
+                        Duration::try_from(at - clock.now()).unwrap_or(Duration::ZERO)
+                    });
+                    (sleep_for, None)
+                }
+            };
+            drop(snap);
+            let wake = {
+                let timer = async {
+                    match sleep_for {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_ok() { Wake::Changed } else { Wake::Closed },
+                    stopped = stop.changed() => if stopped.is_ok() { Wake::Stop } else { Wake::Closed },
+                    () = timer => Wake::Timer,
+                }
+            };
+            match wake {
+                Wake::Changed | Wake::Timer => {}
+                Wake::Stop => {
+                    yield Err(ApiError::ShuttingDown.into());
+                    break;
+                }
+                // The cache is gone: the agent is stopping.
+                Wake::Closed => {
+                    if let Some(what) = pending {
+                        yield Err(ApiError::Pending(what).into());
+                    } else {
+                        yield Err(ApiError::ShuttingDown.into());
+                    }
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// One SVID as sent to a caller; equal when the same certificate would be sent with the same
+/// hint (the certificate bytes include its serial, so a rotation is a change).
+struct SvidKey {
+    entry_id: EntryId,
+    hint: String,
+    svid: Arc<CachedSvid>,
+}
+
+impl PartialEq for SvidKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.entry_id == other.entry_id
+            && self.hint == other.hint
+            && (Arc::ptr_eq(&self.svid, &other.svid) || self.svid.chain_der == other.svid.chain_der)
+    }
+}
+
+/// The X.509 part of a bundle, compared by content.
+struct X509BundleKey(Arc<TrustBundle>);
+
+impl PartialEq for X509BundleKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.x509_authorities == other.0.x509_authorities
+    }
+}
+
+#[derive(PartialEq)]
+struct X509SvidKey {
+    svids: Vec<SvidKey>,
+    bundle: X509BundleKey,
+}
+
+/// The bundle, or the reason to wait: none yet, or one without X.509 authorities (which no
+/// client could verify anything with).
+fn x509_bundle(snap: &Snapshot) -> Option<&Arc<TrustBundle>> {
+    snap.bundle
+        .as_ref()
+        .filter(|b| !b.x509_authorities.is_empty())
+}
+
+fn x509_svid_view(
+    snap: &Snapshot,
+    selectors: &SelectorSet,
+    now: OffsetDateTime,
+) -> View<X509SvidKey> {
+    if !snap.ready {
+        return View::Pending("the agent's state");
+    }
+    let entries = matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now);
+    if entries.is_empty() {
+        return View::Denied(ApiError::NoIdentity);
+    }
+    let Some(bundle) = x509_bundle(snap) else {
+        return View::Pending("the trust bundle");
+    };
+    let svids: Vec<SvidKey> = entries
+        .iter()
+        .filter_map(|e| {
+            let svid = snap.svids.get(&e.id)?;
+            // Never serve an expired SVID, nor one minted for the entry's previous identity.
+            (svid.expires_at > now && svid.spiffe_id == e.spiffe_id).then(|| SvidKey {
+                entry_id: e.id.clone(),
+                hint: e.hint.clone(),
+                svid: Arc::clone(svid),
+            })
+        })
+        .collect();
+    let Some(refresh_at) = svids.iter().map(|s| s.svid.expires_at).min() else {
+        return View::Pending("an X.509-SVID");
+    };
+    View::Ready {
+        key: X509SvidKey {
+            svids,
+            bundle: X509BundleKey(Arc::clone(bundle)),
+        },
+        refresh_at: Some(refresh_at),
+    }
+}
+
+fn render_x509_svids(key: &X509SvidKey) -> X509svidResponse {
+    let bundle = key.bundle.0.x509_der_concat();
+    X509svidResponse {
+        svids: key
+            .svids
+            .iter()
+            .map(|s| X509svid {
+                spiffe_id: s.svid.spiffe_id.to_string(),
+                x509_svid: s.svid.chain_der.concat(),
+                x509_svid_key: s.svid.key_pkcs8.to_vec(),
+                bundle: bundle.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+/// Bundle streams: denied when the caller's matches become empty, like SVID streams.
+fn bundle_view<K>(
+    snap: &Snapshot,
+    selectors: &SelectorSet,
+    now: OffsetDateTime,
+    key: impl FnOnce(&Arc<TrustBundle>) -> Option<K>,
+) -> View<K> {
+    if !snap.ready {
+        return View::Pending("the agent's state");
+    }
+    if matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now).is_empty() {
+        return View::Denied(ApiError::NoIdentity);
+    }
+    match snap.bundle.as_ref().and_then(key) {
+        Some(key) => View::Ready {
+            key,
+            refresh_at: None,
+        },
+        None => View::Pending("the trust bundle"),
+    }
+}
+
+/// The JWT authorities of a bundle, compared by their JWKS rendering.
+struct JwtBundleKey {
+    bundle: Arc<TrustBundle>,
+    jwks: Vec<u8>,
+}
+
+impl PartialEq for JwtBundleKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.bundle, &other.bundle) || self.jwks == other.jwks
+    }
+}
+
+fn security_header_ok<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .get(SECURITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true")
+}
+
+/// Converts JWT claims to a protobuf `Struct`.
+pub fn claims_to_struct(
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: claims
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
+        J::Bool(b) => Kind::BoolValue(*b),
+        // Protobuf numbers are doubles; integers past 2^53 lose precision, as in every
+        // Workload API implementation.
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(claims_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        if security_header_ok(&request) && request.get_ref().audience.is_empty() {
+            return Err(ApiError::InvalidArgument("audience must be specified".into()).into());
+        }
+        let caller = self.admit(&request, "FetchJWTSVID").await?;
+        let req = request.into_inner();
+        let wanted = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
+                Status::from(ApiError::InvalidArgument(format!(
+                    "spiffe_id {:?} is not a SPIFFE ID: {e}",
+                    req.spiffe_id
+                )))
+            })?)
+        };
+        let snap = self.cache.current();
+        let denied = |e: ApiError| {
+            tracing::info!(parent: &caller.span, error = %e, "request refused");
+            Status::from(e)
+        };
+        let mut entries = self.matches(&snap, &caller).map_err(denied)?;
+        if let Some(id) = &wanted {
+            entries.retain(|e| &e.spiffe_id == id);
+            if entries.is_empty() {
+                return Err(denied(ApiError::NotEntitled(id.to_string())));
+            }
+        }
+        let minted = futures::future::try_join_all(entries.iter().map(|e| {
+            let minter = Arc::clone(&self.minter);
+            let audience = req.audience.clone();
+            async move {
+                let (token, _exp) = minter.mint_jwt(&e.id, &audience).await?;
+                Ok::<_, Status>(Jwtsvid {
+                    spiffe_id: e.spiffe_id.to_string(),
+                    svid: token,
+                    hint: e.hint.clone(),
+                })
+            }
+        }))
+        .await
+        .inspect_err(|s| {
+            tracing::warn!(parent: &caller.span, code = ?s.code(), error = s.message(), "JWT-SVID minting failed");
+        })?;
+        tracing::info!(parent: &caller.span, count = minted.len(), audience = ?req.audience, "JWT-SVIDs issued");
+        Ok(Response::new(JwtsvidResponse { svids: minted }))
+    }
+
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = self.admit(&request, "FetchJWTBundles").await?;
+        let td = self.bundle_key();
+        let stream = self
+            .open_stream(
+                caller,
+                |snap, selectors, now| {
+                    bundle_view(snap, selectors, now, |b| {
+                        Some(JwtBundleKey {
+                            bundle: Arc::clone(b),
+                            jwks: b.jwt_jwks_json(),
+                        })
+                    })
+                },
+                move |_, key: &JwtBundleKey| JwtBundlesResponse {
+                    bundles: HashMap::from([(td.clone(), key.jwks.clone())]),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        if security_header_ok(&request) {
+            let req = request.get_ref();
+            if req.audience.is_empty() {
+                return Err(ApiError::InvalidArgument("audience must be specified".into()).into());
+            }
+            if req.svid.is_empty() {
+                return Err(ApiError::InvalidArgument("svid must be specified".into()).into());
+            }
+        }
+        let caller = self.admit(&request, "ValidateJWTSVID").await?;
+        let snap = self.cache.current();
+        let refused = |e: ApiError| {
+            tracing::info!(parent: &caller.span, error = %e, "request refused");
+            Status::from(e)
+        };
+        self.matches(&snap, &caller).map_err(refused)?;
+        let bundle = snap
+            .bundle
+            .as_ref()
+            .ok_or_else(|| refused(ApiError::Pending("the trust bundle")))?;
+        let req = request.into_inner();
+        let valid = mayfly::jwt::validate(&req.svid, &req.audience, &[bundle], self.clock.now())
+            .map_err(|e| refused(e.into()))?;
+        tracing::info!(parent: &caller.span, subject = %valid.spiffe_id, "JWT-SVID validated");
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: valid.spiffe_id.to_string(),
+            claims: Some(claims_to_struct(&valid.claims)),
+        }))
+    }
+
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.admit(&request, "FetchX509SVID").await?;
+        let stream = self
+            .open_stream(caller, x509_svid_view, |_, key| render_x509_svids(key))
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.admit(&request, "FetchX509Bundles").await?;
+        let td = self.bundle_key();
+        let stream = self
+            .open_stream(
+                caller,
+                |snap, selectors, now| {
+                    bundle_view(snap, selectors, now, |b| {
+                        (!b.x509_authorities.is_empty()).then(|| X509BundleKey(Arc::clone(b)))
+                    })
+                },
+                move |_, key: &X509BundleKey| X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: HashMap::from([(td.clone(), key.0.x509_der_concat())]),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::value::Kind;
+
+    #[test]
+    fn claims_convert_to_struct() {
+        let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"sub":"spiffe://example.org/a","aud":["x","y"],"exp":1700000000,
+                "ok":true,"none":null,"nested":{"n":1.5}}"#,
+        )
+        .unwrap();
+        let s = claims_to_struct(&claims);
+        assert_eq!(
+            s.fields["sub"].kind,
+            Some(Kind::StringValue("spiffe://example.org/a".into()))
+        );
+        assert_eq!(
+            s.fields["exp"].kind,
+            Some(Kind::NumberValue(1_700_000_000.0))
+        );
+        assert_eq!(s.fields["ok"].kind, Some(Kind::BoolValue(true)));
+        assert!(matches!(s.fields["none"].kind, Some(Kind::NullValue(_))));
+        let Some(Kind::ListValue(list)) = &s.fields["aud"].kind else {
+            panic!("aud is not a list");
+        };
+        assert_eq!(list.values.len(), 2);
+        let Some(Kind::StructValue(nested)) = &s.fields["nested"].kind else {
+            panic!("nested is not a struct");
+        };
+        assert_eq!(nested.fields["n"].kind, Some(Kind::NumberValue(1.5)));
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_codes() {
+        use tonic::Code;
+        let cases = [
+            (ApiError::MissingSecurityHeader, Code::InvalidArgument),
+            (ApiError::NotReady, Code::Unavailable),
+            (ApiError::Pending("x"), Code::Unavailable),
+            (ApiError::NoIdentity, Code::PermissionDenied),
+            (
+                ApiError::Attestation(AttestError::ProcessGone { pid: 1 }),
+                Code::PermissionDenied,
+            ),
+            (ApiError::NoPeer, Code::PermissionDenied),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+        assert_eq!(
+            Status::from(ApiError::MissingSecurityHeader).message(),
+            "security header missing from request"
+        );
+        assert_eq!(
+            Status::from(ApiError::NoIdentity).message(),
+            "no identity issued"
+        );
+    }
+}

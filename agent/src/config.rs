@@ -1,0 +1,360 @@
+//! Agent configuration: TOML → [`RawConfig`] → validated [`AgentConfig`].
+//! Unknown keys are errors naming the file, line and key; every key, its
+//! default and the bootstrap options are documented in
+//! `docs/configuration-agent.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mayfly::TrustDomain;
+use serde::Deserialize;
+
+use crate::attest::JoinToken;
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown or mistyped key; the message
+    /// carries the line, column and key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A value is well-formed TOML but invalid.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The agent has no way to trust the server before its first attestation.
+    #[error(
+        "the agent has no trust bundle for the server: set agent.trust_bundle_path to a PEM file \
+         with the server's CA certificates (print them with `mayfly-server bundle show --format pem`), \
+         or, for development only, set agent.insecure_bootstrap = true \
+         (no bundle is stored in {data_dir} yet)"
+    )]
+    NoBootstrapTrust {
+        /// The data directory that holds no bundle.
+        data_dir: PathBuf,
+    },
+}
+
+/// The file as written. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[agent]` table.
+    #[serde(default)]
+    pub agent: RawAgent,
+}
+
+/// `[agent]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// Trust domain name; default `example.org`.
+    pub trust_domain: Option<String>,
+    /// The server's node API, `host:port`; default `127.0.0.1:8081`.
+    pub server_address: Option<String>,
+    /// Data directory; default `./.mayfly/agent`.
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket; default `<data_dir>/api.sock`.
+    pub socket_path: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for the first attestation.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Trust any server certificate for the first attestation (development only).
+    pub insecure_bootstrap: Option<bool>,
+    /// Join token (prefer `--join-token` or `MAYFLY_JOIN_TOKEN`). Its `Debug` is redacted.
+    pub join_token: Option<JoinToken>,
+    /// Health endpoint address; default `127.0.0.1:8088`.
+    pub health_address: Option<String>,
+    /// Log level filter; default `info`.
+    pub log_level: Option<String>,
+    /// Log format, `text` or `json`; default `text`.
+    pub log_format: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A validated agent configuration. Its `Debug` never shows the join token.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// The server's node API, `host:port` (a host name or an IP address).
+    pub server_address: String,
+    /// Data directory (agent key and SVID, trust bundle).
+    pub data_dir: PathBuf,
+    /// Workload API Unix socket.
+    pub socket_path: PathBuf,
+    /// PEM CA certificates trusted before the first attestation.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Accept any server certificate for the first attestation when no
+    /// bundle is known (development only; logged as a warning).
+    pub insecure_bootstrap: bool,
+    /// Join token from the file (the `--join-token` flag and
+    /// `MAYFLY_JOIN_TOKEN` take precedence).
+    pub join_token: Option<JoinToken>,
+    /// `/healthz` and `/readyz` listen address.
+    pub health_address: SocketAddr,
+    /// Log filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl AgentConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates TOML text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::from_raw(raw, path)
+    }
+
+    /// The development defaults used when no file is given. They name no
+    /// bootstrap trust: set `trust_bundle_path` or `insecure_bootstrap`
+    /// before the first start.
+    pub fn development() -> Self {
+        // The defaults are all valid, so this cannot fail.
+        Self::from_raw(RawConfig::default(), Path::new("<defaults>"))
+            .unwrap_or_else(|e| unreachable!("defaults are valid: {e}"))
+    }
+
+    /// Checks that the agent can trust the server before it has attested:
+    /// a stored bundle (`has_stored_bundle`), a bootstrap bundle file, or an
+    /// explicit `insecure_bootstrap`.
+    pub fn check_bootstrap_trust(&self, has_stored_bundle: bool) -> Result<(), ConfigError> {
+        if has_stored_bundle || self.trust_bundle_path.is_some() || self.insecure_bootstrap {
+            Ok(())
+        } else {
+            Err(ConfigError::NoBootstrapTrust {
+                data_dir: self.data_dir.clone(),
+            })
+        }
+    }
+
+    /// The URI the node API client connects to (`http://`: TLS is added by
+    /// the client's own connector, which verifies the server the SPIFFE way).
+    pub fn server_uri(&self) -> String {
+        format!("http://{}", self.server_address)
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+        let a = raw.agent;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let trust_domain = TrustDomain::new(a.trust_domain.as_deref().unwrap_or("example.org"))
+            .map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
+        let server_address = a
+            .server_address
+            .unwrap_or_else(|| "127.0.0.1:8081".to_owned());
+        match server_address.parse::<http::uri::Authority>() {
+            Ok(auth) if auth.port_u16().is_some() && auth.as_str() == server_address => {}
+            _ => {
+                return Err(invalid(
+                    "agent.server_address",
+                    format!(
+                        "{server_address:?} is not host:port (write it like 127.0.0.1:8081 or mayfly.example.org:8081)"
+                    ),
+                ));
+            }
+        }
+        let data_dir = a.data_dir.unwrap_or_else(|| PathBuf::from(".mayfly/agent"));
+        let socket_path = a.socket_path.unwrap_or_else(|| data_dir.join("api.sock"));
+        let health_address = a
+            .health_address
+            .as_deref()
+            .unwrap_or("127.0.0.1:8088")
+            .parse()
+            .map_err(|e| {
+                invalid(
+                    "agent.health_address",
+                    format!("{e} (write it like 127.0.0.1:8088)"),
+                )
+            })?;
+        let log_level = a.log_level.unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid("agent.log_level", e.to_string()))?;
+        let log_format = match a.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "agent.log_format",
+                    format!("must be text or json, not {other:?}"),
+                ));
+            }
+        };
+        if let Some(p) = &a.trust_bundle_path
+            && p.as_os_str().is_empty()
+        {
+            return Err(invalid(
+                "agent.trust_bundle_path",
+                "must not be empty".into(),
+            ));
+        }
+        Ok(Self {
+            trust_domain,
+            server_address,
+            data_dir,
+            socket_path,
+            trust_bundle_path: a.trust_bundle_path,
+            insecure_bootstrap: a.insecure_bootstrap.unwrap_or(false),
+            join_token: a.join_token,
+            health_address,
+            log_level,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    #[test]
+    fn defaults_are_the_development_setup() {
+        let c = AgentConfig::development();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.server_uri(), "http://127.0.0.1:8081");
+        assert_eq!(c.data_dir, PathBuf::from(".mayfly/agent"));
+        assert_eq!(c.socket_path, PathBuf::from(".mayfly/agent/api.sock"));
+        assert_eq!(c.health_address, "127.0.0.1:8088".parse().unwrap());
+        assert!(!c.insecure_bootstrap);
+        assert!(c.trust_bundle_path.is_none() && c.join_token.is_none());
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.log_format, LogFormat::Text);
+        // socket_path follows data_dir unless set.
+        let c = AgentConfig::parse(
+            "[agent]\ndata_dir = \"/var/lib/mayfly\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/var/lib/mayfly/api.sock"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = AgentConfig::parse(
+            "[agent]\ntrust_domain = \"a.org\"\nserver_adress = \"x:1\"\n",
+            Path::new("agent.toml"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("agent.toml") && msg.contains("line 3") && msg.contains("server_adress"),
+            "{msg}"
+        );
+        let err = AgentConfig::parse("[agnet]\n", Path::new("agent.toml")).unwrap_err();
+        assert!(err.to_string().contains("agnet"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("server_address = \"nope\"", "agent.server_address"),
+            ("server_address = \"http://a:1\"", "agent.server_address"),
+            ("health_address = \"localhost\"", "agent.health_address"),
+            ("log_format = \"xml\"", "agent.log_format"),
+            ("trust_domain = \"Not A Domain\"", "agent.trust_domain"),
+            ("trust_bundle_path = \"\"", "agent.trust_bundle_path"),
+        ] {
+            let err =
+                AgentConfig::parse(&format!("[agent]\n{text}\n"), Path::new("a.toml")).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let c = AgentConfig::parse(
+            "[agent]\nserver_address = \"mayfly.example.org:8081\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.server_address, "mayfly.example.org:8081");
+    }
+
+    #[test]
+    fn missing_bootstrap_trust_is_a_clear_error() {
+        let c = AgentConfig::development();
+        let err = c.check_bootstrap_trust(false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("trust_bundle_path") && msg.contains("insecure_bootstrap"),
+            "{msg}"
+        );
+        assert!(
+            c.check_bootstrap_trust(true).is_ok(),
+            "a stored bundle is enough"
+        );
+        let c = AgentConfig::parse(
+            "[agent]\ntrust_bundle_path = \"bundle.pem\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert!(c.check_bootstrap_trust(false).is_ok());
+        let c = AgentConfig::parse("[agent]\ninsecure_bootstrap = true\n", Path::new("a.toml"))
+            .unwrap();
+        assert!(c.check_bootstrap_trust(false).is_ok());
+    }
+
+    #[test]
+    fn join_token_is_redacted_in_debug() {
+        let c = AgentConfig::parse(
+            "[agent]\njoin_token = \"tok-5ecret-value\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.join_token.as_ref().map(JoinToken::expose),
+            Some("tok-5ecret-value")
+        );
+        let raw: RawConfig =
+            toml::from_str("[agent]\njoin_token = \"tok-5ecret-value\"\n").unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}"), format!("{raw:?}")] {
+            assert!(!debug.contains("5ecret"), "{debug}");
+            assert!(debug.contains("redacted"), "{debug}");
+        }
+        let t = JoinToken::new(Zeroizing::new("abc".into())).unwrap();
+        assert_eq!(format!("{t:?}"), "JoinToken(<redacted>)");
+        let err =
+            AgentConfig::parse("[agent]\njoin_token = \"\"\n", Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("join_token"), "{err}");
+    }
+}

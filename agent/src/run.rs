@@ -1,0 +1,255 @@
+//! `mayfly-agent run`: loads the stored state, attests when there is no
+//! valid stored SVID (a restart needs no new join token while the SVID is
+//! valid), then runs the sync task, the health endpoints and the Workload
+//! API until shutdown. Usable in-process: it never exits the process.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use mayfly::clock::{Clock, SystemClock};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+use crate::attest::{JoinToken, JoinTokenAttestor, NodeAttestor};
+use crate::cache::Cache;
+use crate::client::tls::TrustAnchors;
+use crate::client::{ServerClient, TlsTransport};
+use crate::config::AgentConfig;
+use crate::health::{self, HealthState};
+use crate::storage::{self, Storage};
+use crate::sync::{self, Backoff, Syncer};
+
+/// The environment variable that carries a join token.
+pub const JOIN_TOKEN_ENV: &str = "MAYFLY_JOIN_TOKEN";
+
+/// Runs the agent until `shutdown` completes. `join_token` is the
+/// `--join-token` flag; without it `MAYFLY_JOIN_TOKEN`, then the config
+/// file's `join_token`, is used. The token is used only when there is no
+/// valid stored agent SVID, or when the server rejects the stored one.
+pub async fn run(
+    config: AgentConfig,
+    join_token: Option<Zeroizing<String>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::logging::init(&config.log_level, config.log_format);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let watcher = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_tx.send_replace(true);
+        })
+    };
+    let result = run_until(config, join_token, stop_tx.clone(), stop_rx).await;
+    stop_tx.send_replace(true);
+    watcher.abort();
+    result
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    sync::stop_requested(&mut rx).await;
+}
+
+/// Picks the join token: the flag, then the environment, then the file.
+fn resolve_join_token(flag: Option<Zeroizing<String>>, config: &AgentConfig) -> Option<JoinToken> {
+    if let Some(t) = flag.and_then(JoinToken::new) {
+        tracing::debug!("join token from the command line");
+        return Some(t);
+    }
+    if let Some(t) = std::env::var(JOIN_TOKEN_ENV)
+        .ok()
+        .and_then(|v| JoinToken::new(Zeroizing::new(v)))
+    {
+        tracing::debug!("join token from {JOIN_TOKEN_ENV}");
+        return Some(t);
+    }
+    config.join_token.clone()
+}
+
+async fn run_until(
+    config: AgentConfig,
+    join_token: Option<Zeroizing<String>>,
+    stop_tx: Arc<watch::Sender<bool>>,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let td = config.trust_domain.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let storage = Storage::open(&config.data_dir).context("agent data directory")?;
+    let stored_bundle = storage.load_bundle(&td).context(
+        "the stored trust bundle is unreadable; fix or delete it and restart with trust_bundle_path set",
+    )?;
+    config.check_bootstrap_trust(stored_bundle.is_some())?;
+
+    let mut anchors_der = stored_bundle
+        .as_ref()
+        .map(|b| b.x509_authorities.clone())
+        .unwrap_or_default();
+    if let Some(path) = &config.trust_bundle_path {
+        let certs = storage::read_pem_certificates(path).context("agent.trust_bundle_path")?;
+        for der in certs {
+            if !anchors_der.contains(&der) {
+                anchors_der.push(der);
+            }
+        }
+    }
+    let anchors = TrustAnchors::new(anchors_der);
+    let client = ServerClient::new(
+        td.clone(),
+        Arc::new(TlsTransport::new(&config, anchors.clone())),
+    );
+    let cache = Cache::new();
+    if let Some(b) = stored_bundle {
+        let b = Arc::new(b);
+        cache.update(|s| s.bundle = Some(b));
+    }
+
+    let attestor: Option<Arc<dyn NodeAttestor>> = resolve_join_token(join_token, &config)
+        .map(|t| Arc::new(JoinTokenAttestor::new(t)) as Arc<dyn NodeAttestor>);
+    let stored = match storage.load_agent_svid() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the stored agent SVID");
+            None
+        }
+    };
+    let now = clock.now();
+    let reusable = stored.filter(|s| {
+        let ok = s.is_valid_at(now)
+            && s.spiffe_id.is_member_of(&td)
+            && mayfly::id::is_agent_id(&s.spiffe_id);
+        if !ok {
+            tracing::info!(
+                agent_id = %s.spiffe_id,
+                expires_at = %s.expires_at,
+                "the stored agent SVID is expired or not for this trust domain"
+            );
+        }
+        ok
+    });
+    let recovery = match reusable {
+        Some(svid) => {
+            if anchors.is_empty() {
+                bail!(
+                    "a stored agent SVID exists but no trust bundle is stored in {}: set \
+                     agent.trust_bundle_path to the server's CA certificates \
+                     (`mayfly-server bundle show --format pem`)",
+                    config.data_dir.display()
+                );
+            }
+            tracing::info!(
+                agent_id = %svid.spiffe_id,
+                expires_at = %svid.expires_at,
+                "reusing the stored agent SVID; no attestation needed"
+            );
+            client.set_identity(svid);
+            // A token given anyway is kept for the case the server rejects
+            // the stored identity.
+            attestor
+        }
+        None => {
+            let Some(attestor) = attestor else {
+                bail!(
+                    "the agent has no valid SVID and no join token: create one with \
+                     `mayfly-server token generate` and pass it with --join-token or {JOIN_TOKEN_ENV}"
+                );
+            };
+            if !attest_until_done(
+                &client,
+                &storage,
+                &anchors,
+                &cache,
+                attestor.as_ref(),
+                stop_rx.clone(),
+            )
+            .await?
+            {
+                return Ok(());
+            }
+            None
+        }
+    };
+
+    let health_listener = health::bind(config.health_address)
+        .await
+        .with_context(|| format!("agent.health_address {}", config.health_address))?;
+    let syncer = Syncer::new(
+        client.clone(),
+        cache.clone(),
+        storage.clone(),
+        anchors.clone(),
+        clock.clone(),
+        recovery,
+    );
+    let sync_task = tokio::spawn(syncer.run(stop_rx.clone()));
+    let health_task = tokio::spawn(health::serve(
+        health_listener,
+        HealthState {
+            client: client.clone(),
+            cache: cache.clone(),
+            clock,
+        },
+        stopped(stop_rx.clone()),
+    ));
+    let minter: Arc<dyn crate::api::JwtMinter> = Arc::new(client);
+    let served = crate::api::serve(
+        &config.socket_path,
+        cache,
+        minter,
+        td,
+        stopped(stop_rx.clone()),
+    )
+    .await;
+    // The Workload API ended (shutdown or failure): stop the rest.
+    stop_tx.send_replace(true);
+    if let Err(e) = sync_task.await {
+        tracing::warn!(error = %e, "sync task ended abnormally");
+    }
+    match health_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "health endpoints failed"),
+        Err(e) => tracing::warn!(error = %e, "health task ended abnormally"),
+        Ok(Ok(())) => {}
+    }
+    tracing::info!("agent stopped");
+    served
+}
+
+/// Attests, retrying with backoff while the server is unreachable. Returns
+/// false when shutdown came first; a refusal (bad token) is an error.
+async fn attest_until_done(
+    client: &ServerClient,
+    storage: &Storage,
+    anchors: &TrustAnchors,
+    cache: &Cache,
+    attestor: &dyn NodeAttestor,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<bool> {
+    let mut backoff = Backoff::new(sync::BACKOFF_MIN, sync::BACKOFF_MAX);
+    loop {
+        let attempt = tokio::select! {
+            () = sync::stop_requested(&mut stop) => return Ok(false),
+            r = sync::enroll(client, storage, anchors, cache, attestor) => r,
+        };
+        let err = match attempt {
+            Ok(()) => return Ok(true),
+            Err(e) => e,
+        };
+        let unreachable = err
+            .downcast_ref::<crate::client::ClientError>()
+            .is_some_and(crate::client::ClientError::is_unavailable);
+        if !unreachable {
+            return Err(err.context(format!(
+                "node attestation ({}) failed; if the join token was used or has expired, create a \
+                 new one with `mayfly-server token generate`",
+                attestor.name()
+            )));
+        }
+        let delay = backoff.next_delay(rand::random());
+        tracing::warn!(error = %err, retry_in = ?delay, "cannot reach the server to attest; retrying");
+        tokio::select! {
+            () = sync::stop_requested(&mut stop) => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}

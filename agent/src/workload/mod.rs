@@ -1,0 +1,72 @@
+//! Workload attestation: who is calling the Workload API.
+//!
+//! The listener reads the caller's credentials from the socket (`SO_PEERCRED`) when the
+//! connection is accepted; an attestor turns them into selectors (`unix:uid:1000`, ...), which
+//! the Workload API matches against the registration entries it holds.
+
+pub mod unix;
+
+use std::path::PathBuf;
+
+use mayfly::selector::SelectorSet;
+
+pub use unix::UnixAttestor;
+
+/// The caller's credentials as the kernel reported them for the connection (`SO_PEERCRED`):
+/// taken when the peer connected, so they cannot be forged by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerInfo {
+    /// Process id of the process that connected.
+    pub pid: i32,
+    /// Its effective user id at connect time.
+    pub uid: u32,
+    /// Its effective group id at connect time.
+    pub gid: u32,
+}
+
+/// Why a caller could not be attested. The Workload API answers `PermissionDenied` to all of
+/// them: a caller that cannot be attested gets no identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The process that opened the connection has exited (or its pid now belongs to another
+    /// process), so nothing can be said about it.
+    #[error("process {pid} is gone")]
+    ProcessGone {
+        /// The caller's pid.
+        pid: i32,
+    },
+    /// A file under `/proc` could not be read for a reason other than the process being gone.
+    #[error("cannot read {path} for process {pid}: {source}")]
+    Proc {
+        /// The caller's pid.
+        pid: i32,
+        /// The file that failed.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file under `/proc` had content the attestor does not understand.
+    #[error("malformed {path} for process {pid}: {reason}")]
+    Malformed {
+        /// The caller's pid.
+        pid: i32,
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The attestation task failed (panicked or was cancelled).
+    #[error("workload attestation did not complete: {0}")]
+    Internal(String),
+}
+
+/// Produces the selectors of a caller. Implementations are defined per platform (`unix` now;
+/// `k8s`, `docker`, `systemd` later) and used as `dyn WorkloadAttestor`.
+#[tonic::async_trait]
+pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
+    /// Every selector that holds for the caller. A selector that cannot be established is left
+    /// out, never guessed: fewer selectors can only match fewer entries.
+    async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError>;
+}
