@@ -1,1 +1,412 @@
+//! Harness for Mayfly's end-to-end tests: real `mayfly-server` and
+//! `mayfly-agent` processes, each in its own temporary directory, on
+//! loopback, stopped when dropped.
+//!
+//! The binaries are looked up next to the test executable (the cargo target
+//! directory); `scripts/test` builds them first with `cargo build --bins`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: failing loudly is the point
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The trust domain every harness server uses.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// Path of a workspace binary (`mayfly-server`, `mayfly-agent`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop, with its log file kept for diagnosis.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        cmd.stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether the process has exited; its status if so.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// Its directory (config, data).
+    pub dir: PathBuf,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// Node API address.
+    pub address: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server in a new temporary directory.
+    pub fn start() -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-e2e-server")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let mut s = Self::start_in(&dir, free_port())?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
+    /// Starts (or restarts) a server whose files live in `dir`.
+    pub fn start_in(dir: &Path, port: u16) -> Result<Self> {
+        let admin_socket = dir.join("admin.sock");
+        let address = format!("127.0.0.1:{port}");
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"{address}\"\nadmin_socket_path = \"{}\"\nlog_level = \"debug\"\n",
+                dir.join("data").display(),
+                admin_socket.display()
+            ),
+        )?;
+        let mut cmd = Command::new(bin("mayfly-server"));
+        cmd.arg("run").arg("--config").arg(&config);
+        let mut proc = Proc::spawn(cmd, dir.join("server.log"))?;
+        let sock = admin_socket.clone();
+        wait_for("the server's admin socket", Duration::from_secs(30), || {
+            if let Some(status) = proc.try_wait() {
+                return Some(Err(anyhow::anyhow!(
+                    "server exited early ({status}):\n{}",
+                    proc.log_text()
+                )));
+            }
+            let ok = sock.exists()
+                && Command::new(bin("mayfly-server"))
+                    .args(["healthcheck", "--socket-path"])
+                    .arg(&sock)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+            ok.then_some(Ok(()))
+        })??;
+        Ok(Self {
+            proc,
+            dir: dir.to_owned(),
+            admin_socket,
+            address,
+            _tmp: None,
+        })
+    }
+
+    /// Runs `mayfly-server <args> --socket-path <admin>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("mayfly-server"))
+            .args(args)
+            .arg("--socket-path")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("run mayfly-server cli")
+    }
+
+    /// Runs a CLI command that must succeed and print JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli(&all);
+        if !out.status.success() {
+            bail!(
+                "mayfly-server {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "mayfly-server {args:?} printed non-JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// A new join token: (token, agent SPIFFE ID it will give).
+    pub fn join_token(&self) -> Result<(String, String)> {
+        let v = self.cli_json(&["token", "generate"])?;
+        let token = v["token"].as_str().context("token")?.to_owned();
+        let id = v["id"].as_str().context("id")?.to_owned();
+        Ok((
+            token,
+            format!("spiffe://{TRUST_DOMAIN}/mayfly/agent/join_token/{id}"),
+        ))
+    }
+
+    /// Creates an entry; returns its id.
+    pub fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selectors: &[&str],
+    ) -> Result<String> {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent_id,
+        ];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        let v = self.cli_json(&args)?;
+        let id = v["id"]
+            .as_str()
+            .or_else(|| v["entry"]["id"].as_str())
+            .or_else(|| v["results"][0]["entry"]["id"].as_str())
+            .with_context(|| format!("no entry id in {v}"))?;
+        Ok(id.to_owned())
+    }
+
+    /// The PEM bundle file the server writes at start.
+    pub fn bundle_pem(&self) -> PathBuf {
+        self.dir.join("data").join("bundle.pem")
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Health address.
+    pub health: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Enrols a new agent with a fresh join token and waits until it serves.
+    pub fn start(server: &Server) -> Result<Self> {
+        let (token, spiffe_id) = server.join_token()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-e2e-agent")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let mut a = Self::start_in(server, &dir, Some(&token), &spiffe_id)?;
+        a._tmp = Some(tmp);
+        Ok(a)
+    }
+
+    /// Writes the agent config into `dir` and starts the process; does not wait.
+    pub fn spawn_in(
+        server: &Server,
+        dir: &Path,
+        token: Option<&str>,
+    ) -> Result<(Proc, PathBuf, String)> {
+        let socket = dir.join("api.sock");
+        let health = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"debug\"\n",
+                server.address,
+                dir.join("data").display(),
+                socket.display(),
+                server.bundle_pem().display()
+            ),
+        )?;
+        let mut cmd = Command::new(bin("mayfly-agent"));
+        cmd.arg("run").arg("--config").arg(&config);
+        if let Some(t) = token {
+            cmd.arg("--join-token").arg(t);
+        }
+        let proc = Proc::spawn(cmd, dir.join(format!("agent-{}.log", std::process::id())))?;
+        Ok((proc, socket, health))
+    }
+
+    /// Starts an agent whose files live in `dir` and waits until it is ready.
+    pub fn start_in(
+        server: &Server,
+        dir: &Path,
+        token: Option<&str>,
+        spiffe_id: &str,
+    ) -> Result<Self> {
+        let (mut proc, socket, health) = Self::spawn_in(server, dir, token)?;
+        let h = health.clone();
+        wait_for("the agent to be ready", Duration::from_secs(30), || {
+            if let Some(status) = proc.try_wait() {
+                return Some(Err(anyhow::anyhow!(
+                    "agent exited early ({status}):\n{}",
+                    proc.log_text()
+                )));
+            }
+            let ok = Command::new(bin("mayfly-agent"))
+                .args(["healthcheck", "--health-address", &h])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            ok.then_some(Ok(()))
+        })??;
+        Ok(Self {
+            proc,
+            dir: dir.to_owned(),
+            socket,
+            health,
+            spiffe_id: spiffe_id.to_owned(),
+            _tmp: None,
+        })
+    }
+
+    /// The endpoint string SPIFFE clients take (`unix:/path`).
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// Runs `mayfly-agent <args> --socket-path <socket>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("mayfly-agent"))
+            .args(args)
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .output()
+            .expect("run mayfly-agent cli")
+    }
+}
+
+/// The uid of this test process, for `unix:uid:` selectors.
+pub fn my_uid() -> u32 {
+    // /proc/self/status "Uid:\treal\teffective..." — avoids unsafe libc calls.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A raw Workload API client (the generated tonic client) over the agent's
+/// Unix socket, for tests that need exact status codes or headers.
+pub async fn raw_workload_client(
+    socket: &Path,
+) -> Result<
+    mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+        tonic::transport::Channel,
+    >,
+> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
+}
+
+/// Adds the `workload.spiffe.io: true` security header.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
+/// Sends an HTTP request to the admin socket with curl; returns (status, body).
+pub fn admin_http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method, "-H", "content-type: application/json"]);
+    if let Some(b) = body {
+        cmd.args(["--data-binary", b]);
+    }
+    cmd.arg(format!("http://localhost{path}"));
+    let out = cmd.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
