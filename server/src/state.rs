@@ -74,6 +74,7 @@ impl ServerState {
             revision = revision.max(e.revision);
             index.upsert(e);
         }
+        let bundle_sequence = Self::persist_bundle(store.as_ref(), &authorities)?;
         let server_id = mayfly::id::server_id(&config.trust_domain);
         let (events, _) = broadcast::channel(4096);
         Ok(Self {
@@ -87,8 +88,44 @@ impl ServerState {
             node_writes: Mutex::new(()),
             events,
             revision: AtomicU64::new(revision),
-            bundle_sequence: AtomicU64::new(1),
+            bundle_sequence: AtomicU64::new(bundle_sequence),
         })
+    }
+
+    /// Keeps the trust bundle in the store: the same authorities keep their
+    /// sequence number across restarts; new ones get the next number, so
+    /// relying parties can tell a changed bundle from a re-published one.
+    fn persist_bundle(store: &dyn Store, authorities: &Authorities) -> ServiceResult<u64> {
+        const KEY: &str = "bundle";
+        let current = authorities.bundle(0);
+        let stored = store.get_meta(KEY)?.and_then(|json| {
+            match TrustBundle::from_spiffe_json(current.trust_domain.clone(), &json) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored trust bundle is unreadable; publishing a new one");
+                    None
+                }
+            }
+        });
+        let same_keys = |b: &TrustBundle| {
+            b.x509_authorities == current.x509_authorities
+                && b.jwt_authorities
+                    .iter()
+                    .map(|a| &a.key_id)
+                    .eq(current.jwt_authorities.iter().map(|a| &a.key_id))
+        };
+        let sequence = match &stored {
+            Some(b) if same_keys(b) => b.sequence,
+            Some(b) => b.sequence + 1,
+            None => 1,
+        };
+        if stored.as_ref().is_none_or(|b| b.sequence != sequence) {
+            let json = authorities.bundle(sequence).to_spiffe_json().map_err(|e| {
+                ServiceError::Internal(format!("cannot encode the trust bundle: {e}"))
+            })?;
+            store.put_meta(KEY, json.as_bytes())?;
+        }
+        Ok(sequence)
     }
 
     /// The trust domain.
@@ -198,5 +235,37 @@ impl ServerState {
         let _ = self.events.send(ChangeEvent::Node {
             spiffe_id: spiffe_id.to_owned(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled_store::SledStore;
+    use mayfly::clock::SystemClock;
+
+    #[test]
+    fn bundle_is_stored_and_its_sequence_moves_only_when_keys_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServerConfig::development();
+        cfg.data_dir = dir.path().to_owned();
+        let now = OffsetDateTime::now_utc();
+        let open = |cfg: &ServerConfig, at: OffsetDateTime| {
+            let store: Arc<dyn Store> =
+                Arc::new(SledStore::open(&cfg.data_dir.join("store")).unwrap());
+            let auth = Authorities::load_or_create(cfg, at).unwrap();
+            ServerState::new(cfg.clone(), store, Arc::new(SystemClock), auth).unwrap()
+        };
+        let first = open(&cfg, now).bundle();
+        assert_eq!(first.sequence, 1);
+        let stored = open(&cfg, now).store.get_meta("bundle").unwrap().unwrap();
+        let parsed = TrustBundle::from_spiffe_json(first.trust_domain.clone(), &stored).unwrap();
+        assert_eq!(parsed.x509_authorities, first.x509_authorities);
+        // A restart with the same keys keeps the sequence.
+        assert_eq!(open(&cfg, now).bundle().sequence, 1);
+        // A new CA (the old one expired) is a new bundle.
+        let later = open(&cfg, now + time::Duration::days(2)).bundle();
+        assert_eq!(later.sequence, 2);
+        assert_ne!(later.x509_authorities, first.x509_authorities);
     }
 }

@@ -363,6 +363,20 @@ pub fn my_uid() -> u32 {
         .unwrap()
 }
 
+/// A gRPC channel to the agent's Workload API socket.
+pub async fn workload_channel(socket: &Path) -> Result<tonic::transport::Channel> {
+    let path = socket.to_owned();
+    Ok(tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?)
+}
+
 /// A raw Workload API client (the generated tonic client) over the agent's
 /// Unix socket, for tests that need exact status codes or headers.
 pub async fn raw_workload_client(
@@ -372,17 +386,11 @@ pub async fn raw_workload_client(
         tonic::transport::Channel,
     >,
 > {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?;
-    Ok(mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
+    Ok(
+        mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            workload_channel(socket).await?,
+        ),
+    )
 }
 
 /// Adds the `workload.spiffe.io: true` security header.

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use mayfly::proto::workload::{JwtsvidRequest, X509svidRequest};
-use mayfly_e2e::{Agent, Server, TRUST_DOMAIN, my_uid, raw_workload_client, wait_for, with_header};
+use mayfly_e2e::{
+    Agent, Server, TRUST_DOMAIN, my_uid, raw_workload_client, wait_for, with_header,
+    workload_channel,
+};
 use tonic::Code;
 
 async fn fetch_code(agent: &Agent) -> Code {
@@ -53,6 +56,33 @@ async fn unmatched_caller_and_missing_header_are_refused() {
         Err(s) => s.code(),
     };
     assert_eq!(code, Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wit_and_unknown_calls_are_unimplemented() {
+    let server = Server::start().unwrap();
+    let agent = Agent::start(&server).unwrap();
+    let channel = workload_channel(&agent.socket).await.unwrap();
+    // The generated client only knows the five standard calls; reach the
+    // optional WIT-SVID calls by path.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for path in [
+        "/SpiffeWorkloadAPI/FetchWITSVID",
+        "/SpiffeWorkloadAPI/FetchWITBundles",
+        "/SpiffeWorkloadAPI/NoSuchCall",
+    ] {
+        grpc.ready().await.unwrap();
+        let codec: tonic_prost::ProstCodec<X509svidRequest, X509svidRequest> =
+            tonic_prost::ProstCodec::default();
+        let r = grpc
+            .unary(
+                with_header(X509svidRequest {}),
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unimplemented, "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
