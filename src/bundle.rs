@@ -155,6 +155,12 @@ pub struct TrustBundle {
     pub sequence: u64,
     /// How often relying parties should refresh, in seconds.
     pub refresh_hint: Option<u64>,
+    /// X.509 authorities (DER, also listed in `x509_authorities`) that were
+    /// tainted: SVIDs they signed must be replaced now. Carried by the node
+    /// API only; the SPIFFE bundle format has no such notion.
+    pub tainted_x509_authorities: Vec<Vec<u8>>,
+    /// JWT key ids (also listed in `jwt_authorities`) that were tainted.
+    pub tainted_jwt_key_ids: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -175,6 +181,8 @@ impl TrustBundle {
             jwt_authorities: Vec::new(),
             sequence: 0,
             refresh_hint: None,
+            tainted_x509_authorities: Vec::new(),
+            tainted_jwt_key_ids: Vec::new(),
         }
     }
 
@@ -302,6 +310,8 @@ impl TrustBundle {
             refresh_hint_seconds: self
                 .refresh_hint
                 .map_or(0, |h| i64::try_from(h).unwrap_or(i64::MAX)),
+            tainted_x509_authorities: self.tainted_x509_authorities.clone(),
+            tainted_jwt_key_ids: self.tainted_jwt_key_ids.clone(),
         }
     }
 
@@ -335,6 +345,16 @@ impl TrustBundle {
         b.refresh_hint = u64::try_from(p.refresh_hint_seconds)
             .ok()
             .filter(|h| *h > 0);
+        for (index, der) in p.tainted_x509_authorities.iter().enumerate() {
+            if !b.x509_authorities.contains(der) {
+                return Err(BundleError::BadX509Authority {
+                    index,
+                    reason: "tainted authority is not in the bundle".into(),
+                });
+            }
+        }
+        b.tainted_x509_authorities = p.tainted_x509_authorities.clone();
+        b.tainted_jwt_key_ids = p.tainted_jwt_key_ids.clone();
         Ok(b)
     }
 }
@@ -363,6 +383,7 @@ mod tests {
         b.jwt_authorities.push(jwt.authority(None).unwrap());
         b.sequence = 7;
         b.refresh_hint = Some(300);
+        b.tainted_x509_authorities.push(ca.cert_der().to_vec());
         b
     }
 
@@ -376,6 +397,10 @@ mod tests {
         assert_eq!(v["keys"][0]["use"], "x509-svid");
         assert_eq!(v["keys"][1]["use"], "jwt-svid");
         let back = TrustBundle::from_spiffe_json(b.trust_domain.clone(), json.as_bytes()).unwrap();
+        assert!(
+            back.tainted_x509_authorities.is_empty(),
+            "taint is not part of the SPIFFE format"
+        );
         assert_eq!(back.x509_authorities, b.x509_authorities);
         assert_eq!(back.jwt_authorities[0].key_id, b.jwt_authorities[0].key_id);
         assert_eq!(back.jwt_authorities[0].jwk.x, b.jwt_authorities[0].jwk.x);

@@ -5,6 +5,7 @@
 //! returns credentials and decisions, so that every rule here can be tested
 //! without sockets, files or a runtime. The server and the agent own all I/O.
 
+pub mod authority;
 pub mod bundle;
 pub mod clock;
 pub mod entry;
