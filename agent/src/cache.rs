@@ -3,7 +3,7 @@
 //! `tokio::sync::watch` channel so that every open Workload API stream sees
 //! each change at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use mayfly::SpiffeId;
@@ -23,10 +23,24 @@ pub struct CachedSvid {
     pub chain_der: Vec<Vec<u8>>,
     /// PKCS#8 DER private key (secret; zeroized on drop, never logged).
     pub key_pkcs8: Zeroizing<Vec<u8>>,
+    /// NotBefore of the leaf.
+    pub not_before: OffsetDateTime,
     /// NotAfter of the leaf.
     pub expires_at: OffsetDateTime,
+    /// When the agent received it (its own clock). Renewal counts the lifetime from here when
+    /// this is later than `not_before`, because the CA backdates `not_before` a little to
+    /// absorb clock skew, which would otherwise move the half-life point of a short-lived
+    /// SVID into the past.
+    pub received_at: OffsetDateTime,
     /// The entry's hint.
     pub hint: String,
+}
+
+impl CachedSvid {
+    /// Whether the leaf may be handed out at `now`: past its NotBefore and before its NotAfter.
+    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
+        self.not_before <= now && now < self.expires_at
+    }
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -34,6 +48,7 @@ impl std::fmt::Debug for CachedSvid {
         f.debug_struct("CachedSvid")
             .field("entry_id", &self.entry_id)
             .field("spiffe_id", &self.spiffe_id)
+            .field("not_before", &self.not_before)
             .field("expires_at", &self.expires_at)
             .field("key", &"<redacted>")
             .finish()
@@ -54,6 +69,10 @@ pub struct Snapshot {
     pub svids: BTreeMap<EntryId, Arc<CachedSvid>>,
     /// Registration revision last received from the server.
     pub revision: u64,
+    /// Entries whose SVID expired before a new one could be obtained (the server was
+    /// unreachable or refused): the Workload API tells their callers so instead of waiting.
+    /// An entry leaves this set when it gets a new SVID or is removed.
+    pub expired: BTreeSet<EntryId>,
 }
 
 /// The shared, watchable state.

@@ -66,9 +66,12 @@ struct RunArgs {
 
 #[derive(Args)]
 struct HealthcheckArgs {
-    /// The agent's health endpoint, host:port.
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HEALTH_ADDRESS)]
-    health_address: String,
+    /// The agent's health endpoint, host:port (default: from --config, else 127.0.0.1:8088).
+    #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+    health_address: Option<String>,
+    /// The agent's configuration file: its `health_address` is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// How long to wait for an answer (30s, 1m).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
@@ -233,7 +236,13 @@ async fn shutdown_signal() {
 }
 
 async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
-    let addr = args.health_address;
+    let addr = match (&args.health_address, &args.config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(path)) => mayfly_agent::config::AgentConfig::load(path)?
+            .health_address
+            .to_string(),
+        (None, None) => DEFAULT_HEALTH_ADDRESS.to_owned(),
+    };
     let (status, body) = tokio::time::timeout(args.timeout, get_readyz(&addr))
         .await
         .map_err(|_| {
@@ -243,13 +252,17 @@ async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
             )
         })??;
     let doc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if args.output == Output::Json && !doc.is_null() {
-        print(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
+    match args.output {
+        Output::Json if !doc.is_null() => {
+            print(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
+        }
+        Output::Json => {}
+        Output::Text => {
+            let ready = status == http::StatusCode::OK;
+            print(&health_text(&doc, ready))?;
+        }
     }
     if status == http::StatusCode::OK {
-        if args.output == Output::Text {
-            print("Agent is ready.\n")?;
-        }
         return Ok(());
     }
     let reason = doc
@@ -257,6 +270,40 @@ async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
         .and_then(Value::as_str)
         .map_or_else(|| format!("HTTP {status}"), str::to_owned);
     bail!("agent is not ready: {reason}")
+}
+
+/// The `/readyz` body as text for people.
+fn health_text(doc: &Value, ready: bool) -> String {
+    let field = |name: &str| match doc.get(name) {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Bool(true)) => "yes".to_owned(),
+        Some(Value::Bool(false)) => "no".to_owned(),
+        Some(v) => v.to_string(),
+    };
+    let mut out = String::new();
+    out.push_str(if ready {
+        "Agent is ready.\n"
+    } else {
+        "Agent is NOT ready.\n"
+    });
+    if let Some(reason) = doc.get("reason").and_then(Value::as_str) {
+        out.push_str(&format!("  {:<24}{reason}\n", "reason:"));
+    }
+    for (label, name) in [
+        ("agent SPIFFE ID", "agent_id"),
+        ("agent SVID valid until", "svid_expires_at"),
+        ("server reachable", "server_reachable"),
+        ("last server contact", "last_server_contact"),
+        ("entries", "entries"),
+        ("X.509-SVIDs", "svids"),
+        ("X.509 authorities", "x509_authorities"),
+        ("JWT authorities", "jwt_authorities"),
+        ("needs a new join token", "needs_join_token"),
+    ] {
+        out.push_str(&format!("  {:<24}{}\n", format!("{label}:"), field(name)));
+    }
+    out
 }
 
 async fn get_readyz(addr: &str) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
@@ -664,6 +711,57 @@ mod tests {
         );
         // --audience is required.
         assert!(Cli::try_parse_from(["mayfly-agent", "api", "fetch", "jwt"]).is_err());
+    }
+
+    #[test]
+    fn healthcheck_text_says_what_matters() {
+        let doc = json!({
+            "status": "not ready",
+            "reason": "the agent SVID expired at 2026-01-01T00:00:00Z; join_token agents cannot re-attest",
+            "agent_id": "spiffe://example.org/mayfly/agent/join_token/t",
+            "svid_expires_at": "2026-01-01T00:00:00Z",
+            "server_reachable": false,
+            "last_server_contact": null,
+            "entries": 3,
+            "svids": 0,
+            "x509_authorities": 2,
+            "jwt_authorities": 1,
+            "needs_join_token": true
+        });
+        let text = health_text(&doc, false);
+        assert!(text.starts_with("Agent is NOT ready.\n"), "{text}");
+        for (label, value) in [
+            ("reason:", "the agent SVID expired at 2026-01-01T00:00:00Z"),
+            (
+                "agent SPIFFE ID:",
+                "spiffe://example.org/mayfly/agent/join_token/t",
+            ),
+            ("server reachable:", "no"),
+            ("last server contact:", "-"),
+            ("entries:", "3"),
+            ("X.509 authorities:", "2"),
+            ("needs a new join token:", "yes"),
+        ] {
+            let line = format!("  {label:<24}{value}");
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        let cli =
+            Cli::try_parse_from(["mayfly-agent", "healthcheck", "--config", "a.toml"]).unwrap();
+        let Command::Healthcheck(args) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(args.config, Some(PathBuf::from("a.toml")));
+        assert!(
+            Cli::try_parse_from([
+                "mayfly-agent",
+                "healthcheck",
+                "--config",
+                "a.toml",
+                "--health-address",
+                "x:1"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

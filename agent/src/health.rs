@@ -2,7 +2,10 @@
 //! `127.0.0.1:8088`): `GET /healthz` answers 200 while the process runs;
 //! `GET /readyz` answers 200 when the agent is attested, has synced with the
 //! server and holds a valid SVID, and 503 otherwise. Both carry a JSON body
-//! with `agent_id`, `svid_expires_at`, `server_reachable` and `entries`.
+//! ([`HealthBody`]) with the state that matters to an operator: the agent's
+//! SPIFFE ID and SVID expiry, whether the server is reachable and when it
+//! last answered, how many entries, SVIDs and authorities the agent holds,
+//! and whether it needs a new join token.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,8 +46,42 @@ pub struct HealthBody {
     pub svid_expires_at: Option<String>,
     /// Whether the last exchange with the server succeeded.
     pub server_reachable: bool,
+    /// When the server last answered, RFC 3339.
+    #[serde(default)]
+    pub last_server_contact: Option<String>,
     /// Authorized entries held.
     pub entries: usize,
+    /// Valid X.509-SVIDs held for entries.
+    #[serde(default)]
+    pub svids: usize,
+    /// X.509 authorities (CA certificates) in the trust bundle.
+    #[serde(default)]
+    pub x509_authorities: usize,
+    /// JWT signing keys in the trust bundle.
+    #[serde(default)]
+    pub jwt_authorities: usize,
+    /// True when only an operator can bring the agent back: its SVID expired (or the server
+    /// refused it) and a join-token agent cannot attest again by itself.
+    #[serde(default)]
+    pub needs_join_token: bool,
+}
+
+/// A structured log field for machines (and people grepping): what an operator must do.
+pub const OPERATOR_ACTION: &str = "restart the agent with a new join token";
+
+/// What an operator must do when a join-token agent's SVID expired.
+pub fn expired_join_token_message(expired_at: time::OffsetDateTime) -> String {
+    format!(
+        "the agent SVID expired at {}; join_token agents cannot re-attest: generate a new token \
+         with `mayfly-server token generate` and start the agent with --join-token",
+        rfc3339(expired_at)
+    )
+}
+
+/// Whether an agent with this SPIFFE ID attested with a join token (and so cannot attest
+/// again by itself).
+pub fn is_join_token_agent(agent_id: &mayfly::SpiffeId) -> bool {
+    agent_id.to_string().contains("/mayfly/agent/join_token/")
 }
 
 impl HealthState {
@@ -53,30 +90,58 @@ impl HealthState {
         let now = self.clock.now();
         let identity = self.client.identity();
         let snapshot = self.cache.current();
+        let rejected = self.client.rejected();
+        let mut needs_join_token = false;
         let reason = match &identity {
             None => Some("the agent has not attested yet".to_owned()),
+            Some(svid) if now >= svid.expires_at => {
+                if is_join_token_agent(&svid.spiffe_id) {
+                    needs_join_token = true;
+                    Some(expired_join_token_message(svid.expires_at))
+                } else {
+                    Some(format!(
+                        "the agent SVID expired at {}; the agent is attesting again",
+                        rfc3339(svid.expires_at)
+                    ))
+                }
+            }
             Some(svid) if !svid.is_valid_at(now) => Some(format!(
-                "the agent SVID expired at {}",
-                rfc3339(svid.expires_at)
+                "the agent SVID is not valid before {}; check the clock",
+                rfc3339(svid.not_before)
             )),
+            Some(svid) if rejected.is_some() => {
+                needs_join_token = is_join_token_agent(&svid.spiffe_id);
+                rejected
+            }
             Some(_) if !snapshot.ready => {
                 Some("the agent has not synced with the server yet".to_owned())
             }
-            Some(_) => self.client.rejected(),
+            Some(_) => None,
         };
+        let bundle = snapshot.bundle.as_deref();
         let body = HealthBody {
             status: if reason.is_none() { "ok" } else { "not ready" }.to_owned(),
             reason: None,
             agent_id: identity.as_ref().map(|s| s.spiffe_id.to_string()),
             svid_expires_at: identity.as_ref().map(|s| rfc3339(s.expires_at)),
             server_reachable: self.client.is_reachable(),
+            last_server_contact: self.client.last_contact().map(rfc3339),
             entries: snapshot.entries.len(),
+            svids: snapshot
+                .svids
+                .values()
+                .filter(|s| s.is_valid_at(now))
+                .count(),
+            x509_authorities: bundle.map_or(0, |b| b.x509_authorities.len()),
+            jwt_authorities: bundle.map_or(0, |b| b.jwt_authorities.len()),
+            needs_join_token,
         };
         (body, reason)
     }
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
+/// `t` as RFC 3339.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
@@ -220,10 +285,26 @@ mod tests {
         assert!(!body.server_reachable);
         assert_eq!(body.entries, 0);
 
-        clock.advance(Duration::hours(2));
+        assert!(!body.needs_join_token);
+
+        // The agent SVID expired (the host slept, or the server was down too long): a
+        // join-token agent says it needs a new token.
+        let expiry = client.identity().unwrap().expires_at;
+        clock.set(expiry - Duration::seconds(1));
+        assert_eq!(get(app(state.clone()), "/readyz").await.0, StatusCode::OK);
+        clock.set(expiry);
         let (code, body) = get(app(state.clone()), "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(body.reason.unwrap().contains("expired"));
+        assert!(body.needs_join_token);
+        assert_eq!(
+            body.reason.as_deref(),
+            Some(expired_join_token_message(expiry).as_str())
+        );
+        assert!(
+            body.reason
+                .unwrap()
+                .contains("join_token agents cannot re-attest: generate a new token with `mayfly-server token generate` and start the agent with --join-token")
+        );
         // Alive all the same.
         assert_eq!(get(app(state), "/healthz").await.0, StatusCode::OK);
     }

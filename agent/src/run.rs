@@ -16,7 +16,7 @@ use crate::cache::Cache;
 use crate::client::tls::TrustAnchors;
 use crate::client::{ServerClient, TlsTransport};
 use crate::config::AgentConfig;
-use crate::health::{self, HealthState};
+use crate::health::{self, HealthState, OPERATOR_ACTION};
 use crate::storage::{self, Storage};
 use crate::sync::{self, Backoff, Syncer};
 
@@ -115,19 +115,20 @@ async fn run_until(
         }
     };
     let now = clock.now();
-    let reusable = stored.filter(|s| {
-        let ok = s.is_valid_at(now)
-            && s.spiffe_id.is_member_of(&td)
-            && mayfly::id::is_agent_id(&s.spiffe_id);
-        if !ok {
+    let ours =
+        stored.filter(|s| s.spiffe_id.is_member_of(&td) && mayfly::id::is_agent_id(&s.spiffe_id));
+    let (reusable, expired) = match ours {
+        Some(s) if s.is_valid_at(now) => (Some(s), None),
+        Some(s) => {
             tracing::info!(
                 agent_id = %s.spiffe_id,
                 expires_at = %s.expires_at,
-                "the stored agent SVID is expired or not for this trust domain"
+                "the stored agent SVID has expired"
             );
+            (None, Some(s))
         }
-        ok
-    });
+        None => (None, None),
+    };
     let recovery = match reusable {
         Some(svid) => {
             if anchors.is_empty() {
@@ -147,6 +148,23 @@ async fn run_until(
             // A token given anyway is kept for the case the server rejects
             // the stored identity.
             attestor
+        }
+        None if attestor.is_none() && expired.is_some() => {
+            // An enrolled join-token agent whose SVID expired while it was down: it cannot
+            // attest again by itself. It keeps running in that state (health endpoints and
+            // `healthcheck` say what to do, the Workload API answers Unavailable) rather than
+            // exit, so that supervisors do not restart it in a loop and the reason stays
+            // visible; a restart with --join-token recovers.
+            if let Some(svid) = expired {
+                tracing::error!(
+                    agent_id = %svid.spiffe_id,
+                    operator_action = OPERATOR_ACTION,
+                    "{}",
+                    health::expired_join_token_message(svid.expires_at)
+                );
+                client.set_identity(svid);
+            }
+            None
         }
         None => {
             let Some(attestor) = attestor else {

@@ -90,6 +90,8 @@ fn bundle_differs(old: &TrustBundle, new: &TrustBundle) -> bool {
         || old.sequence != new.sequence
         || old.x509_authorities != new.x509_authorities
         || kids(old) != kids(new)
+        || old.tainted_x509_authorities != new.tainted_x509_authorities
+        || old.tainted_jwt_key_ids != new.tainted_jwt_key_ids
 }
 
 /// Applies a `SyncResponse` to a snapshot: a full update replaces the
@@ -147,6 +149,7 @@ pub fn apply_sync_response(
         snap.svids.remove(id);
     }
     applied.dropped_svids = gone;
+    snap.expired.retain(|id| next.contains_key(id));
     snap.entries = next;
     snap.revision = resp.revision;
     if resp.full {
@@ -191,6 +194,30 @@ pub fn renew_at(
     not_before + life * (0.5 + jitter.clamp(-JITTER, JITTER))
 }
 
+/// The renewal deadline of a credential valid from `not_before` to
+/// `not_after`: half its lifetime ± [`JITTER`] of it, the jitter derived from
+/// `seed` (the certificate's bytes), so that the deadline of one credential
+/// never moves and a fleet's credentials issued together spread out.
+pub fn renewal_deadline(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    seed: &[u8],
+) -> OffsetDateTime {
+    renew_at(not_before, not_after, jitter_for(seed))
+}
+
+/// Whether a credential valid from `not_before` to `not_after` (jitter
+/// `seed`) must be renewed at `now`: past its [`renewal_deadline`], or
+/// expired.
+pub fn renewal_due(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    seed: &[u8],
+    now: OffsetDateTime,
+) -> bool {
+    now >= not_after || now >= renewal_deadline(not_before, not_after, seed)
+}
+
 /// A stable jitter in ±[`JITTER`] for one certificate (derived from its
 /// bytes, so that the renewal time does not move between wake-ups).
 pub fn jitter_for(cert_der: &[u8]) -> f64 {
@@ -201,12 +228,44 @@ pub fn jitter_for(cert_der: &[u8]) -> f64 {
     (unit * 2.0 - 1.0) * JITTER
 }
 
-/// When a cached SVID is due for renewal; `None` when its leaf cannot be
-/// read (it is then replaced at once).
+/// When a cached SVID is due for renewal; `None` when it has no leaf (it is
+/// then replaced at once). The lifetime counts from when the agent received
+/// it if that is later than its (backdated) NotBefore.
 pub fn svid_renew_at(svid: &CachedSvid) -> Option<OffsetDateTime> {
     let leaf = svid.chain_der.first()?;
-    let info = SvidInfo::from_der(leaf).ok()?;
-    Some(renew_at(info.not_before, svid.expires_at, jitter_for(leaf)))
+    let from = svid.not_before.max(svid.received_at).min(svid.expires_at);
+    Some(renewal_deadline(from, svid.expires_at, leaf))
+}
+
+/// Whether `leaf_der` was signed by one of the CA certificates `cas_der`
+/// (its signature verifies with the CA's public key). Unparsable input is
+/// "not signed by".
+pub fn signed_by_any(leaf_der: &[u8], cas_der: &[Vec<u8>]) -> bool {
+    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf_der) else {
+        return false;
+    };
+    cas_der.iter().any(|ca_der| {
+        x509_parser::parse_x509_certificate(ca_der).is_ok_and(|(_, ca)| {
+            leaf.issuer() == ca.subject() && leaf.verify_signature(Some(ca.public_key())).is_ok()
+        })
+    })
+}
+
+/// The cached SVIDs whose leaf was signed by an authority the bundle lists
+/// as tainted: they must be replaced now.
+pub fn tainted_svids(snap: &Snapshot, bundle: &TrustBundle) -> Vec<EntryId> {
+    if bundle.tainted_x509_authorities.is_empty() {
+        return Vec::new();
+    }
+    snap.svids
+        .iter()
+        .filter(|(_, s)| {
+            s.chain_der
+                .first()
+                .is_some_and(|leaf| signed_by_any(leaf, &bundle.tainted_x509_authorities))
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// When the agent SVID is due for renewal.
@@ -240,13 +299,23 @@ pub fn entries_to_sign(
 }
 
 /// Removes what must no longer be served at `now`: expired entries (and
-/// their SVIDs) and expired SVIDs. Returns whether anything was removed.
+/// their SVIDs) and expired SVIDs; an entry that lives on without a valid
+/// SVID is recorded in [`Snapshot::expired`]. Returns whether anything was
+/// removed.
 pub fn prune_expired(snap: &mut Snapshot, now: OffsetDateTime) -> bool {
     let before = (snap.entries.len(), snap.svids.len());
     snap.entries.retain(|_, e| !e.is_expired(now));
     let entries = &snap.entries;
-    snap.svids
-        .retain(|id, s| s.expires_at > now && entries.contains_key(id));
+    let mut expired = Vec::new();
+    snap.svids.retain(|id, s| {
+        let live = entries.contains_key(id);
+        if live && s.expires_at <= now {
+            expired.push(id.clone());
+        }
+        s.expires_at > now && live
+    });
+    snap.expired.extend(expired);
+    snap.expired.retain(|id| entries.contains_key(id));
     before != (snap.entries.len(), snap.svids.len())
 }
 
@@ -403,6 +472,12 @@ pub struct Syncer {
     stale: BTreeSet<EntryId>,
     sign_retry_at: Option<OffsetDateTime>,
     renew_retry_at: Option<OffsetDateTime>,
+    /// The agent SVID was signed by a tainted authority: renew it now.
+    force_agent_renew: bool,
+    /// The tainted list the agent SVID was last renewed for, so that a
+    /// server still signing with a tainted authority cannot make the agent
+    /// renew in a loop.
+    agent_taint_handled: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -436,6 +511,8 @@ impl Syncer {
             stale: BTreeSet::new(),
             sign_retry_at: None,
             renew_retry_at: None,
+            force_agent_renew: false,
+            agent_taint_handled: Vec::new(),
         }
     }
 
@@ -569,8 +646,9 @@ impl Syncer {
             ),
             SyncError::AgentSvidExpired { expired_at, .. } => tracing::error!(
                 agent_id = %agent, %expired_at,
-                "the agent SVID expired before it could be renewed (the server was unreachable). \
-                 A join-token agent cannot attest again by itself: {new_token}. Retrying every minute meanwhile."
+                operator_action = crate::health::OPERATOR_ACTION,
+                "{}",
+                crate::health::expired_join_token_message(*expired_at)
             ),
             other => tracing::error!(
                 agent_id = %agent, error = %other,
@@ -599,6 +677,11 @@ impl Syncer {
                     Some(resp) => {
                         backoff.reset();
                         self.on_message(&resp).await?;
+                        if self.force_agent_renew
+                            && let Some(end) = self.maybe_renew_agent().await?
+                        {
+                            return Ok(end);
+                        }
                     }
                     None => return Ok(SessionEnd::StreamEnded),
                 },
@@ -636,12 +719,20 @@ impl Syncer {
                 expired_at: svid.expires_at,
             });
         }
-        if now < agent_renew_at(&svid) || self.renew_retry_at.is_some_and(|t| now < t) {
+        let due = self.force_agent_renew || now >= agent_renew_at(&svid);
+        if !due || self.renew_retry_at.is_some_and(|t| now < t) {
             return Ok(None);
         }
         match self.client.renew().await {
             Ok(new) => {
                 self.renew_retry_at = None;
+                if std::mem::take(&mut self.force_agent_renew) {
+                    tracing::warn!(
+                        old_serial = %svid.serial_hex,
+                        new_serial = %new.serial_hex,
+                        "replaced the agent SVID signed by a tainted authority"
+                    );
+                }
                 if let Err(e) = self.storage.save_agent_svid(&new) {
                     tracing::error!(
                         error = %e,
@@ -690,9 +781,21 @@ impl Syncer {
             if let Err(e) = self.storage.save_bundle(bundle) {
                 tracing::error!(error = %e, "cannot store the trust bundle");
             }
-            tracing::info!(sequence = bundle.sequence, "trust bundle updated");
+            tracing::info!(
+                sequence = bundle.sequence,
+                x509_authorities = bundle.x509_authorities.len(),
+                jwt_authorities = bundle.jwt_authorities.len(),
+                tainted_x509_authorities = bundle.tainted_x509_authorities.len(),
+                tainted_jwt_key_ids = ?bundle.tainted_jwt_key_ids,
+                "trust bundle updated"
+            );
         }
         self.stale.extend(applied.changed);
+        if (applied.bundle.is_some() || resp.full)
+            && let Some(bundle) = next.bundle.clone()
+        {
+            self.check_taint(&next, &bundle);
+        }
         prune_expired(&mut next, now);
         let signed = self.sign_due(&mut next, now).await;
         let became_ready = next.ready && !current.ready;
@@ -708,6 +811,43 @@ impl Syncer {
             );
         }
         signed
+    }
+
+    /// Marks every SVID signed by a tainted authority for renewal in this
+    /// round (and the agent SVID too), logging each at WARN.
+    fn check_taint(&mut self, snap: &Snapshot, bundle: &TrustBundle) {
+        let tainted = tainted_svids(snap, bundle);
+        if !tainted.is_empty() {
+            for id in &tainted {
+                if let Some(svid) = snap.svids.get(id) {
+                    tracing::warn!(
+                        entry_id = %id,
+                        spiffe_id = %svid.spiffe_id,
+                        expires_at = %svid.expires_at,
+                        "X.509-SVID signed by a tainted authority; replacing it now"
+                    );
+                }
+            }
+            // Do not let an earlier failure's retry delay hold this back.
+            self.sign_retry_at = None;
+            self.stale.extend(tainted);
+        }
+        if let Some(agent) = self.client.identity()
+            && self.agent_taint_handled != bundle.tainted_x509_authorities
+            && agent
+                .chain_der
+                .first()
+                .is_some_and(|leaf| signed_by_any(leaf, &bundle.tainted_x509_authorities))
+        {
+            tracing::warn!(
+                agent_id = %agent.spiffe_id,
+                serial = %agent.serial_hex,
+                "the agent SVID was signed by a tainted authority; renewing it now"
+            );
+            self.agent_taint_handled = bundle.tainted_x509_authorities.clone();
+            self.force_agent_renew = true;
+            self.renew_retry_at = None;
+        }
     }
 
     async fn maintain(&mut self) -> Result<(), SyncError> {
@@ -816,10 +956,11 @@ impl Syncer {
                 tracing::warn!(entry_id = %id, "SignX509 answered for an entry that was not asked for");
                 continue;
             };
-            match cached_svid(entry, r.svid_chain, key) {
+            match cached_svid(entry, r.svid_chain, key, self.clock.now()) {
                 Ok(svid) => {
                     tracing::debug!(entry_id = %id, spiffe_id = %svid.spiffe_id, expires_at = %svid.expires_at, "X.509-SVID signed");
                     self.stale.remove(&id);
+                    next.expired.remove(&id);
                     next.svids.insert(id, Arc::new(svid));
                 }
                 Err(message) => {
@@ -848,7 +989,12 @@ fn refusal_is_per_entry(code: Code) -> bool {
 
 /// Checks a signed chain against its entry and key and builds the cached
 /// SVID.
-fn cached_svid(entry: &Entry, chain: Vec<Vec<u8>>, key: KeyAndCsr) -> Result<CachedSvid, String> {
+fn cached_svid(
+    entry: &Entry,
+    chain: Vec<Vec<u8>>,
+    key: KeyAndCsr,
+    received_at: OffsetDateTime,
+) -> Result<CachedSvid, String> {
     let leaf = chain.first().ok_or("empty chain")?;
     let info = SvidInfo::from_der(leaf).map_err(|e| e.to_string())?;
     if info.spiffe_id != entry.spiffe_id {
@@ -867,7 +1013,9 @@ fn cached_svid(entry: &Entry, chain: Vec<Vec<u8>>, key: KeyAndCsr) -> Result<Cac
         spiffe_id: info.spiffe_id,
         chain_der: chain,
         key_pkcs8: key.key_pkcs8,
+        not_before: info.not_before,
         expires_at: info.not_after,
+        received_at,
         hint: entry.hint.clone(),
     })
 }
@@ -924,7 +1072,7 @@ mod tests {
                 issued,
             )
             .unwrap();
-        Arc::new(cached_svid(e, vec![signed.der], k).unwrap())
+        Arc::new(cached_svid(e, vec![signed.der], k, issued).unwrap())
     }
 
     fn snapshot_with(ca: &X509Authority, entries: &[Entry]) -> Snapshot {
@@ -1156,6 +1304,110 @@ mod tests {
     }
 
     #[test]
+    fn renewal_deadline_is_a_pure_function_of_validity_seed_and_now() {
+        let nb = t0();
+        let na = t0() + Duration::seconds(100);
+        for seed in [&b"a"[..], b"b", b"cert bytes", b""] {
+            let at = renewal_deadline(nb, na, seed);
+            assert_eq!(at, renewal_deadline(nb, na, seed), "stable for one seed");
+            assert!(
+                at >= t0() + Duration::seconds(40) && at <= t0() + Duration::seconds(60),
+                "half life ±10%: {at}"
+            );
+            assert!(!renewal_due(nb, na, seed, at - Duration::milliseconds(1)));
+            assert!(renewal_due(nb, na, seed, at));
+            assert!(renewal_due(nb, na, seed, na), "expired is always due");
+        }
+        // Different seeds spread out.
+        let spread: BTreeSet<OffsetDateTime> = (0..50u32)
+            .map(|i| renewal_deadline(nb, na, &i.to_be_bytes()))
+            .collect();
+        assert!(spread.len() > 10, "{}", spread.len());
+    }
+
+    #[test]
+    fn a_short_lived_svid_is_renewed_at_half_of_the_time_it_was_held() {
+        // TTL 4 s, NotBefore backdated 10 s by the CA: counted from NotBefore, its half-life
+        // point would be in the past when it arrives and it would be renewed in a loop.
+        let ca = ca();
+        let e = entry("a", "a");
+        let k = new_key_and_csr().unwrap();
+        let signed = ca
+            .sign_svid(
+                &VerifiedCsr::from_der(&k.csr_der).unwrap(),
+                &SvidParams {
+                    spiffe_id: &e.spiffe_id,
+                    dns_names: &[],
+                    ttl: Duration::seconds(4),
+                },
+                t0(),
+            )
+            .unwrap();
+        let s = cached_svid(&e, vec![signed.der], k, t0()).unwrap();
+        assert_eq!(s.not_before, t0() - Duration::seconds(10));
+        let at = svid_renew_at(&s).unwrap();
+        assert!(
+            at >= t0() + Duration::milliseconds(1600) && at <= t0() + Duration::milliseconds(2400),
+            "{at}"
+        );
+        let mut snap = Snapshot::default();
+        snap.entries.insert(e.id.clone(), Arc::new(e.clone()));
+        snap.svids.insert(e.id.clone(), Arc::new(s));
+        assert!(entries_to_sign(&snap, &BTreeSet::new(), t0()).is_empty());
+        assert_eq!(entries_to_sign(&snap, &BTreeSet::new(), at), ids(&["a"]));
+    }
+
+    #[test]
+    fn svids_signed_by_a_tainted_authority_are_found() {
+        let (old, new) = (ca(), ca());
+        let (a, b) = (entry("a", "a"), entry("b", "b"));
+        let mut snap = snapshot_with(&old, std::slice::from_ref(&a));
+        snap.entries.insert(b.id.clone(), Arc::new(b.clone()));
+        snap.svids.insert(b.id.clone(), svid(&new, &b, t0()));
+        let mut bundle = TrustBundle::new(td());
+        bundle.x509_authorities = vec![old.cert_der().to_vec(), new.cert_der().to_vec()];
+        assert!(tainted_svids(&snap, &bundle).is_empty(), "nothing tainted");
+        bundle.tainted_x509_authorities = vec![old.cert_der().to_vec()];
+        assert_eq!(tainted_svids(&snap, &bundle), ids(&["a"]));
+        // Same subject name, different key: only the signature decides.
+        let leaf = &snap.svids[&a.id].chain_der[0];
+        assert!(signed_by_any(leaf, &[old.cert_der().to_vec()]));
+        assert!(!signed_by_any(leaf, &[new.cert_der().to_vec()]));
+        assert!(!signed_by_any(b"junk", &[old.cert_der().to_vec()]));
+        // A tainted list change is a bundle change even when the keys stay.
+        let mut before = bundle.clone();
+        before.tainted_x509_authorities.clear();
+        assert!(bundle_differs(&before, &bundle));
+    }
+
+    #[test]
+    fn an_expired_svid_is_recorded_until_replaced_or_its_entry_goes() {
+        let ca = ca();
+        let (a, b) = (entry("a", "a"), entry("b", "b"));
+        let mut snap = snapshot_with(&ca, &[a.clone(), b.clone()]);
+        assert!(prune_expired(&mut snap, t0() + Duration::hours(2)));
+        assert!(snap.svids.is_empty());
+        assert_eq!(
+            snap.expired.iter().cloned().collect::<Vec<_>>(),
+            ids(&["a", "b"])
+        );
+        // b is removed from the registration: no longer "expired", just gone.
+        apply_sync_response(
+            &mut snap,
+            &pb::SyncResponse {
+                revision: 2,
+                removed_entry_ids: vec!["b".into()],
+                ..Default::default()
+            },
+            &td(),
+        );
+        assert_eq!(
+            snap.expired.iter().cloned().collect::<Vec<_>>(),
+            ids(&["a"])
+        );
+    }
+
+    #[test]
     fn backoff_doubles_from_250ms_to_30s_with_jitter() {
         let mut b = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let top: Vec<_> = (0..10).map(|_| b.next_delay(1.0)).collect();
@@ -1189,9 +1441,9 @@ mod tests {
                 t0(),
             )
             .unwrap();
-        assert!(cached_svid(&e, vec![signed.der.clone()], k).is_err());
+        assert!(cached_svid(&e, vec![signed.der.clone()], k, t0()).is_err());
         let wrong_key = new_key_and_csr().unwrap();
-        assert!(cached_svid(&other, vec![signed.der], wrong_key).is_err());
-        assert!(cached_svid(&e, vec![], new_key_and_csr().unwrap()).is_err());
+        assert!(cached_svid(&other, vec![signed.der], wrong_key, t0()).is_err());
+        assert!(cached_svid(&e, vec![], new_key_and_csr().unwrap(), t0()).is_err());
     }
 }

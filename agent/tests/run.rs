@@ -180,3 +180,117 @@ async fn clear_errors_at_start() {
         "{err}"
     );
 }
+
+/// Runs `mayfly-agent healthcheck` with `args`.
+async fn healthcheck(args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly-agent"));
+    cmd.arg("healthcheck").args(args);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_expired_agent_svid_without_a_token_says_what_to_do_and_a_new_token_recovers() {
+    let state = MockState::new();
+    let server = start_tls_server(
+        state.clone(),
+        &state.ca,
+        "spiffe://example.org/mayfly/server",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // An earlier run left its SVID and bundle; the SVID expired while the agent was down.
+    let storage = mayfly_agent::storage::Storage::open(&dir.path().join("agent")).unwrap();
+    let svid = state.agent_svid(time::Duration::seconds(1));
+    let expired_at = svid.expires_at;
+    storage.save_agent_svid(&svid).unwrap();
+    storage.save_bundle(&state.bundle()).unwrap();
+    while time::OffsetDateTime::now_utc() <= expired_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let health = free_port();
+    let cfg = config(dir.path(), server, health, None);
+    let (stop, task) = start(cfg, None).await;
+    // It keeps running, not ready, and says why.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        if let Some((503, body)) = get(health, "/readyz").await
+            && body.contains("needs_join_token\":true")
+        {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no clear state");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reason = v["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with("the agent SVID expired at ")
+            && reason.ends_with(
+                "; join_token agents cannot re-attest: generate a new token with \
+                 `mayfly-server token generate` and start the agent with --join-token"
+            ),
+        "{reason}"
+    );
+    assert_eq!(
+        v["agent_id"],
+        "spiffe://example.org/mayfly/agent/join_token/tok0"
+    );
+    assert!(!task.is_finished(), "the agent keeps running in that state");
+
+    // `healthcheck` prints the reason and exits 1, finding the address in the config file.
+    let config_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[agent]\nserver_address = \"{server}\"\ndata_dir = \"{}\"\nhealth_address = \"{health}\"\n",
+            dir.path().join("agent").display()
+        ),
+    )
+    .unwrap();
+    let out = healthcheck(&["--config", config_file.to_str().unwrap()]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("Agent is NOT ready."), "{stdout}");
+    assert!(stdout.contains(&reason), "{stdout}");
+    assert!(stdout.contains("needs a new join token: yes"), "{stdout}");
+    assert!(
+        stderr.contains("join_token agents cannot re-attest"),
+        "{stderr}"
+    );
+    let out = healthcheck(&["--health-address", &health.to_string(), "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["needs_join_token"], true);
+    assert_eq!(doc["x509_authorities"], 1);
+    assert_eq!(state.calls("Attest"), 0);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("run returns after shutdown")
+        .unwrap()
+        .unwrap();
+
+    // Restarted with a new token: it attests and is ready.
+    let (stop, task) = start(config(dir.path(), server, health, None), Some(GOOD_TOKEN)).await;
+    let body = until_ready(health).await;
+    assert!(body.contains("tok1"), "{body}");
+    assert_eq!(state.calls("Attest"), 1);
+    let out = healthcheck(&["--health-address", &health.to_string()]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("Agent is ready.") && stdout.contains("tok1"),
+        "{stdout}"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -63,7 +63,9 @@ fn mint_svid(ca: &X509Authority, entry: &Entry, ttl: time::Duration) -> CachedSv
         spiffe_id: entry.spiffe_id.clone(),
         chain_der: vec![cert.der],
         key_pkcs8: key.key_pkcs8,
+        not_before: OffsetDateTime::now_utc() - time::Duration::seconds(10),
         expires_at: cert.not_after,
+        received_at: OffsetDateTime::now_utc(),
         hint: entry.hint.clone(),
     }
 }
@@ -441,7 +443,9 @@ async fn expired_svids_are_never_sent() {
                 spiffe_id: svid.spiffe_id.clone(),
                 chain_der: svid.chain_der.clone(),
                 key_pkcs8: svid.key_pkcs8.clone(),
+                not_before: svid.not_before,
                 expires_at: OffsetDateTime::now_utc() - time::Duration::seconds(1),
+                received_at: svid.received_at,
                 hint: svid.hint.clone(),
             };
             expired.hint.push_str("-expired");
@@ -459,6 +463,10 @@ async fn expired_svids_are_never_sent() {
         .expect("stream answers")
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(
+        err.message(),
+        "no valid SVID; the agent cannot reach the server"
+    );
     agent.stop().await;
 }
 
@@ -612,5 +620,96 @@ async fn cli_fetches_writes_and_validates() {
     .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn jwt_svids_are_reused_and_every_bundle_key_validates_until_it_is_removed() {
+    use mayfly::proto::workload::JwtBundlesRequest;
+    let agent = Agent::start(&my_uid_selector()).await;
+    let raw = agent.raw_client().await;
+    let fetch = |audience: &[&str]| {
+        let mut raw = raw.clone();
+        let audience: Vec<String> = audience.iter().map(|a| (*a).to_owned()).collect();
+        async move {
+            raw.fetch_jwtsvid(api::request(JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .svids
+            .remove(0)
+            .svid
+        }
+    };
+    // Reused per (entry, audience set), whatever the order.
+    let first = fetch(&["b", "a"]).await;
+    assert_eq!(fetch(&["a", "b"]).await, first);
+    assert_eq!(fetch(&["b", "a", "a"]).await, first);
+    assert_ne!(fetch(&["c"]).await, first);
+
+    let mut jwt_bundles = raw
+        .clone()
+        .fetch_jwt_bundles(api::request(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let keys_in = |msg: &mayfly::proto::workload::JwtBundlesResponse| {
+        let jwks: serde_json::Value =
+            serde_json::from_slice(msg.bundles.values().next().unwrap()).unwrap();
+        jwks["keys"].as_array().unwrap().len()
+    };
+    assert_eq!(keys_in(&jwt_bundles.message().await.unwrap().unwrap()), 1);
+
+    // The server prepares a second JWT key: it is pushed, and its tokens validate, as do the
+    // first key's.
+    let key2 = JwtSigningKey::generate().unwrap();
+    let original = agent.cache.current().bundle.clone().unwrap();
+    let mut two = (*original).clone();
+    two.jwt_authorities.push(key2.authority(None).unwrap());
+    two.sequence += 1;
+    agent
+        .cache
+        .update(|s| s.bundle = Some(Arc::new(two.clone())));
+    assert_eq!(keys_in(&jwt_bundles.message().await.unwrap().unwrap()), 2);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let by_key2 = key2
+        .mint(&JwtClaims {
+            sub: "spiffe://example.org/web".into(),
+            aud: vec!["x".into()],
+            exp: now + 300,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            iss: None,
+        })
+        .unwrap();
+    let validate = |token: String, audience: &str| {
+        let mut raw = raw.clone();
+        let audience = audience.to_owned();
+        async move {
+            raw.validate_jwtsvid(api::request(ValidateJwtsvidRequest {
+                audience,
+                svid: token,
+            }))
+            .await
+        }
+    };
+    assert!(validate(by_key2.clone(), "x").await.is_ok());
+    assert!(validate(first.clone(), "a").await.is_ok());
+
+    // key2 is revoked (removed from the bundle): its tokens are refused.
+    agent.cache.update(|s| s.bundle = Some(original.clone()));
+    assert_eq!(keys_in(&jwt_bundles.message().await.unwrap().unwrap()), 1);
+    let err = validate(by_key2, "x").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The first key is tainted: its cached JWT-SVIDs are not handed out again.
+    let mut tainted = (*original).clone();
+    tainted.tainted_jwt_key_ids = vec![tainted.jwt_authorities[0].key_id.clone()];
+    tainted.sequence += 2;
+    agent.cache.update(|s| s.bundle = Some(Arc::new(tainted)));
+    assert_ne!(fetch(&["a", "b"]).await, first, "a new JWT-SVID was minted");
     agent.stop().await;
 }

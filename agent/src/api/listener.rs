@@ -131,10 +131,15 @@ impl WorkloadConnection {
                 "the kernel did not report the peer's pid",
             )
         })?;
+        // Read at once, while the pid most likely still names the process that connected; the
+        // attestor compares it again later to catch a recycled pid.
+        let start_time = crate::workload::unix::process_start_time(Path::new("/proc"), pid)
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
         let peer = PeerInfo {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
+            start_time: Some(start_time),
         };
         Ok(Self {
             io: NormalizeAuthority::new(stream, AUTHORITY),
@@ -266,5 +271,7 @@ mod tests {
         assert_eq!(peer.pid, i32::try_from(std::process::id()).unwrap());
         assert_eq!(peer.uid, nix::unistd::geteuid().as_raw());
         assert_eq!(peer.gid, nix::unistd::getegid().as_raw());
+        let own = crate::workload::unix::process_start_time(Path::new("/proc"), peer.pid).unwrap();
+        assert_eq!(peer.start_time, Some(own));
     }
 }

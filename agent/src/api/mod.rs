@@ -2,11 +2,13 @@
 //!
 //! - [`listener`] binds the socket and reads each caller's kernel credentials on accept;
 //! - [`authority`] rewrites the HTTP/2 `:authority` so that every gRPC client is served;
-//! - [`workload_api`] is the service itself, answered from the agent's [`Cache`].
+//! - [`workload_api`] is the service itself, answered from the agent's [`Cache`];
+//! - [`jwt_cache`] keeps the JWT-SVIDs it hands out for reuse until half their lifetime.
 //!
 //! [`serve`] puts them together.
 
 pub mod authority;
+pub mod jwt_cache;
 pub mod listener;
 pub mod workload_api;
 

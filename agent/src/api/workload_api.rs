@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Span;
 
+use super::jwt_cache::{JwtKey, JwtSvidCache};
 use crate::cache::{Cache, CachedSvid, Snapshot};
 use crate::workload::{AttestError, PeerInfo, WorkloadAttestor};
 
@@ -75,6 +76,14 @@ pub enum ApiError {
     /// The agent is shutting down (`Unavailable`).
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// Every X.509-SVID the caller is entitled to has expired and no new one could be obtained
+    /// (`Unavailable`): the agent never sends an expired certificate.
+    #[error("no valid SVID; the agent cannot reach the server")]
+    NoValidSvid,
+    /// The server returned a JWT-SVID that is already expired by the agent's clock
+    /// (`Unavailable`; check the clocks).
+    #[error("the server returned a JWT-SVID that expired at {0} (Unix time); check the clocks")]
+    ExpiredJwtSvid(i64),
     /// The connection carries no peer credentials, so the caller cannot be attested
     /// (`PermissionDenied`).
     #[error("caller cannot be identified")]
@@ -100,9 +109,11 @@ impl From<ApiError> for Status {
             ApiError::MissingSecurityHeader
             | ApiError::InvalidArgument(_)
             | ApiError::InvalidToken(_) => Status::invalid_argument(msg),
-            ApiError::NotReady | ApiError::Pending(_) | ApiError::ShuttingDown => {
-                Status::unavailable(msg)
-            }
+            ApiError::NotReady
+            | ApiError::Pending(_)
+            | ApiError::ShuttingDown
+            | ApiError::NoValidSvid
+            | ApiError::ExpiredJwtSvid(_) => Status::unavailable(msg),
             ApiError::NoPeer
             | ApiError::Attestation(_)
             | ApiError::NoIdentity
@@ -122,6 +133,7 @@ pub struct WorkloadApi {
     clock: Arc<dyn Clock>,
     pending_wait: Duration,
     stop: Arc<watch::Sender<bool>>,
+    jwt_cache: Arc<Mutex<JwtSvidCache>>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -164,7 +176,41 @@ impl WorkloadApi {
             clock: Arc::new(SystemClock),
             pending_wait: DEFAULT_PENDING_WAIT,
             stop: Arc::new(stop),
+            jwt_cache: Arc::new(Mutex::new(JwtSvidCache::default())),
         }
+    }
+
+    /// Keeps at most `capacity` JWT-SVIDs for reuse (default
+    /// [`jwt_cache::DEFAULT_CAPACITY`](super::jwt_cache::DEFAULT_CAPACITY)).
+    pub fn with_jwt_cache_capacity(mut self, capacity: usize) -> Self {
+        self.jwt_cache = Arc::new(Mutex::new(JwtSvidCache::new(capacity)));
+        self
+    }
+
+    fn lock_jwt_cache(&self) -> std::sync::MutexGuard<'_, JwtSvidCache> {
+        // The cache is only changed by whole operations that cannot panic half-way.
+        self.jwt_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A JWT-SVID for `entry` and `audience`: a cached one with at least half its life left,
+    /// else a new one from the minter (kept for reuse).
+    async fn jwt_svid_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
+        let key = JwtKey::new(&entry.id, audience);
+        if let Some(token) = self
+            .lock_jwt_cache()
+            .get(&key, self.clock.now().unix_timestamp())
+        {
+            return Ok(token);
+        }
+        let (token, expires_at) = self.minter.mint_jwt(&entry.id, audience).await?;
+        let now = self.clock.now().unix_timestamp();
+        if expires_at <= now {
+            return Err(ApiError::ExpiredJwtSvid(expires_at).into());
+        }
+        self.lock_jwt_cache().insert(key, &token, expires_at, now);
+        Ok(token)
     }
 
     /// Uses `clock` for expiry decisions instead of the system clock.
@@ -285,8 +331,12 @@ enum View<K> {
         key: K,
         refresh_at: Option<OffsetDateTime>,
     },
-    /// The caller is entitled to something not available yet; wait for a change.
-    Pending(&'static str),
+    /// The caller is entitled to something not available yet; wait for a change (or until
+    /// `retry_at`, when something becomes valid then).
+    Pending {
+        what: &'static str,
+        retry_at: Option<OffsetDateTime>,
+    },
     /// End the stream with this error.
     Denied(ApiError),
 }
@@ -342,7 +392,7 @@ where
                     yield Err(e.into());
                     break;
                 }
-                View::Pending(what) => {
+                View::Pending { what, retry_at } => {
                     let since = *pending_since.get_or_insert_with(tokio::time::Instant::now);
                     let left = pending_wait.saturating_sub(since.elapsed());
                     if left.is_zero() {
@@ -351,7 +401,10 @@ where
                         yield Err(e.into());
                         break;
                     }
-                    (Some(left), Some(what))
+                    let until_valid = retry_at.map(|at| {
+                        Duration::try_from(at - clock.now()).unwrap_or(Duration::ZERO)
+                    });
+                    (Some(until_valid.map_or(left, |d| d.min(left))), Some(what))
                 }
                 View::Ready { key, refresh_at } => {
                     pending_since = None;
@@ -446,30 +499,61 @@ fn x509_svid_view(
     now: OffsetDateTime,
 ) -> View<X509SvidKey> {
     if !snap.ready {
-        return View::Pending("the agent's state");
+        return View::Pending {
+            what: "the agent's state",
+            retry_at: None,
+        };
     }
     let entries = matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now);
     if entries.is_empty() {
         return View::Denied(ApiError::NoIdentity);
     }
     let Some(bundle) = x509_bundle(snap) else {
-        return View::Pending("the trust bundle");
+        return View::Pending {
+            what: "the trust bundle",
+            retry_at: None,
+        };
     };
+    let mut expired = false;
+    let mut not_yet_valid: Option<OffsetDateTime> = None;
     let svids: Vec<SvidKey> = entries
         .iter()
         .filter_map(|e| {
-            let svid = snap.svids.get(&e.id)?;
-            // Never serve an expired SVID, nor one minted for the entry's previous identity.
-            (svid.expires_at > now && svid.spiffe_id == e.spiffe_id).then(|| SvidKey {
+            let Some(svid) = snap.svids.get(&e.id) else {
+                expired |= snap.expired.contains(&e.id);
+                return None;
+            };
+            // Never serve an SVID minted for the entry's previous identity.
+            if svid.spiffe_id != e.spiffe_id {
+                return None;
+            }
+            // Never serve an expired or not-yet-valid certificate: leave it out.
+            if svid.expires_at <= now {
+                expired = true;
+                return None;
+            }
+            if svid.not_before > now {
+                not_yet_valid =
+                    Some(not_yet_valid.map_or(svid.not_before, |t| t.min(svid.not_before)));
+                return None;
+            }
+            Some(SvidKey {
                 entry_id: e.id.clone(),
                 hint: e.hint.clone(),
                 svid: Arc::clone(svid),
             })
         })
         .collect();
-    let Some(refresh_at) = svids.iter().map(|s| s.svid.expires_at).min() else {
-        return View::Pending("an X.509-SVID");
+    let Some(expiry) = svids.iter().map(|s| s.svid.expires_at).min() else {
+        if expired && not_yet_valid.is_none() {
+            return View::Denied(ApiError::NoValidSvid);
+        }
+        return View::Pending {
+            what: "an X.509-SVID",
+            retry_at: not_yet_valid,
+        };
     };
+    let refresh_at = not_yet_valid.map_or(expiry, |t| t.min(expiry));
     View::Ready {
         key: X509SvidKey {
             svids,
@@ -506,7 +590,10 @@ fn bundle_view<K>(
     key: impl FnOnce(&Arc<TrustBundle>) -> Option<K>,
 ) -> View<K> {
     if !snap.ready {
-        return View::Pending("the agent's state");
+        return View::Pending {
+            what: "the agent's state",
+            retry_at: None,
+        };
     }
     if matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now).is_empty() {
         return View::Denied(ApiError::NoIdentity);
@@ -516,7 +603,10 @@ fn bundle_view<K>(
             key,
             refresh_at: None,
         },
-        None => View::Pending("the trust bundle"),
+        None => View::Pending {
+            what: "the trust bundle",
+            retry_at: None,
+        },
     }
 }
 
@@ -603,11 +693,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Err(denied(ApiError::NotEntitled(id.to_string())));
             }
         }
+        if let Some(bundle) = &snap.bundle {
+            for (entry_id, key_id) in self.lock_jwt_cache().apply_bundle(bundle) {
+                tracing::warn!(
+                    parent: &caller.span,
+                    entry_id = %entry_id,
+                    key_id,
+                    "dropped a cached JWT-SVID signed by a tainted or removed key; a new one will be minted"
+                );
+            }
+        }
         let minted = futures::future::try_join_all(entries.iter().map(|e| {
-            let minter = Arc::clone(&self.minter);
-            let audience = req.audience.clone();
+            let audience = &req.audience;
             async move {
-                let (token, _exp) = minter.mint_jwt(&e.id, &audience).await?;
+                let token = self.jwt_svid_for(e, audience).await?;
                 Ok::<_, Status>(Jwtsvid {
                     spiffe_id: e.spiffe_id.to_string(),
                     svid: token,
@@ -754,6 +853,146 @@ mod tests {
             panic!("nested is not a struct");
         };
         assert_eq!(nested.fields["n"].kind, Some(Kind::NumberValue(1.5)));
+    }
+
+    mod views {
+        use super::super::*;
+        use mayfly::entry::EntrySpec;
+        use mayfly::x509::{CaParams, SvidParams, VerifiedCsr, X509Authority, new_key_and_csr};
+        use time::Duration as TimeDuration;
+
+        fn td() -> TrustDomain {
+            TrustDomain::new("example.org").unwrap()
+        }
+
+        fn t0() -> OffsetDateTime {
+            OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+        }
+
+        fn entry(id: &str) -> Entry {
+            EntrySpec {
+                spiffe_id: format!("spiffe://example.org/{id}"),
+                parent_id: "spiffe://example.org/mayfly/agent/join_token/a".into(),
+                selectors: vec!["unix:uid:1000".into()],
+                ..Default::default()
+            }
+            .validate(&td(), id.parse().unwrap(), 1)
+            .unwrap()
+        }
+
+        fn svid(ca: &X509Authority, e: &Entry, issued: OffsetDateTime) -> Arc<CachedSvid> {
+            let k = new_key_and_csr().unwrap();
+            let signed = ca
+                .sign_svid(
+                    &VerifiedCsr::from_der(&k.csr_der).unwrap(),
+                    &SvidParams {
+                        spiffe_id: &e.spiffe_id,
+                        dns_names: &[],
+                        ttl: TimeDuration::minutes(10),
+                    },
+                    issued,
+                )
+                .unwrap();
+            Arc::new(CachedSvid {
+                entry_id: e.id.clone(),
+                spiffe_id: e.spiffe_id.clone(),
+                chain_der: vec![signed.der],
+                key_pkcs8: k.key_pkcs8,
+                not_before: issued - TimeDuration::seconds(10),
+                expires_at: signed.not_after,
+                received_at: issued,
+                hint: String::new(),
+            })
+        }
+
+        fn selectors() -> SelectorSet {
+            ["unix:uid:1000".parse().unwrap()].into_iter().collect()
+        }
+
+        fn sent(view: View<X509SvidKey>) -> Vec<String> {
+            match view {
+                View::Ready { key, .. } => key
+                    .svids
+                    .iter()
+                    .map(|s| s.svid.spiffe_id.to_string())
+                    .collect(),
+                View::Pending { what, .. } => vec![format!("pending {what}")],
+                View::Denied(e) => vec![format!("denied {e}")],
+            }
+        }
+
+        #[test]
+        fn expired_and_not_yet_valid_svids_are_left_out_and_none_left_is_unavailable() {
+            let ca = X509Authority::generate(
+                &CaParams {
+                    trust_domain: td(),
+                    ttl: TimeDuration::days(1),
+                    subject: "T".into(),
+                },
+                t0() - TimeDuration::hours(1),
+            )
+            .unwrap();
+            let (a, b) = (entry("a"), entry("b"));
+            let mut snap = Snapshot {
+                ready: true,
+                ..Snapshot::default()
+            };
+            let mut bundle = TrustBundle::new(td());
+            bundle.x509_authorities.push(ca.cert_der().to_vec());
+            snap.bundle = Some(Arc::new(bundle));
+            snap.entries.insert(a.id.clone(), Arc::new(a.clone()));
+            snap.entries.insert(b.id.clone(), Arc::new(b.clone()));
+            // a issued at t0, b five minutes later: both ten minutes long.
+            snap.svids.insert(a.id.clone(), svid(&ca, &a, t0()));
+            let b_svid = svid(&ca, &b, t0() + TimeDuration::minutes(5));
+            snap.svids.insert(b.id.clone(), b_svid.clone());
+            let at = |m: i64| t0() + TimeDuration::minutes(m);
+
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(1))),
+                ["spiffe://example.org/a"],
+                "b is not valid yet (its NotBefore is in the future)"
+            );
+            let View::Ready { refresh_at, .. } = x509_svid_view(&snap, &selectors(), at(1)) else {
+                panic!("ready");
+            };
+            assert_eq!(
+                refresh_at,
+                Some(b_svid.not_before),
+                "looked at again when b becomes valid"
+            );
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(6))),
+                ["spiffe://example.org/a", "spiffe://example.org/b"]
+            );
+            // a expired (the server was unreachable): the state is sent without it.
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(10))),
+                ["spiffe://example.org/b"]
+            );
+            // Nothing valid left: Unavailable, never an expired certificate.
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(15))),
+                ["denied no valid SVID; the agent cannot reach the server"]
+            );
+            // Once pruned, the record of the expiry says the same.
+            snap.svids.clear();
+            snap.expired = [a.id.clone(), b.id.clone()].into_iter().collect();
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(15))),
+                ["denied no valid SVID; the agent cannot reach the server"]
+            );
+            // A new entry that has just no SVID yet is pending, not an outage.
+            snap.expired.clear();
+            assert_eq!(
+                sent(x509_svid_view(&snap, &selectors(), at(15))),
+                ["pending an X.509-SVID"]
+            );
+            assert_eq!(
+                Status::from(ApiError::NoValidSvid).code(),
+                tonic::Code::Unavailable
+            );
+        }
     }
 
     #[test]

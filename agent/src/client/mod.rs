@@ -281,6 +281,8 @@ struct Inner {
     identity: watch::Sender<Option<Arc<AgentSvid>>>,
     channel: Mutex<Option<Channel>>,
     reachable: AtomicBool,
+    /// When a call last succeeded (the server answered).
+    last_contact: Mutex<Option<time::OffsetDateTime>>,
     /// Why the server last refused the agent itself, until a call succeeds.
     rejected: Mutex<Option<String>>,
 }
@@ -303,6 +305,7 @@ impl ServerClient {
                 identity,
                 channel: Mutex::new(None),
                 reachable: AtomicBool::new(false),
+                last_contact: Mutex::new(None),
                 rejected: Mutex::new(None),
             }),
         }
@@ -354,6 +357,15 @@ impl ServerClient {
         self.inner.reachable.load(Ordering::Relaxed)
     }
 
+    /// When a call to the server last succeeded (system time), if ever.
+    pub fn last_contact(&self) -> Option<time::OffsetDateTime> {
+        *self
+            .inner
+            .last_contact
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_channel(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
         self.inner
             .channel
@@ -384,6 +396,12 @@ impl ServerClient {
         match r {
             Ok(v) => {
                 self.inner.reachable.store(true, Ordering::Relaxed);
+                *self
+                    .inner
+                    .last_contact
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some(time::OffsetDateTime::now_utc());
                 if call != "Attest" {
                     self.set_rejected(None);
                 }

@@ -22,6 +22,12 @@ pub struct PeerInfo {
     pub uid: u32,
     /// Its effective group id at connect time.
     pub gid: u32,
+    /// Its start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot), read right
+    /// after the connection was accepted. The attestor checks that the pid still names this
+    /// process, so that a process started later under a recycled pid cannot inherit the
+    /// caller's identity. `None` when it was not captured (then only the attestor's own
+    /// before/after check applies).
+    pub start_time: Option<u64>,
 }
 
 /// Why a caller could not be attested. The Workload API answers `PermissionDenied` to all of
@@ -33,6 +39,13 @@ pub enum AttestError {
     /// process), so nothing can be said about it.
     #[error("process {pid} is gone")]
     ProcessGone {
+        /// The caller's pid.
+        pid: i32,
+    },
+    /// The pid now belongs to a process started after the connection was accepted: the
+    /// caller exited and its pid was recycled.
+    #[error("process {pid} is not the process that connected (pid reused)")]
+    PidReused {
         /// The caller's pid.
         pid: i32,
     },

@@ -13,9 +13,12 @@
 //! device, inode, mtime, ctime and size, so a busy workload is hashed once. Binaries larger than
 //! a bound (512 MiB by default) get no `sha256` selector.
 //!
-//! A pid can be reused once its process exits; the attestor reads the process start time before
-//! and after reading `/proc` and fails with [`AttestError::ProcessGone`] if it changed, so the
-//! selectors never mix two processes.
+//! A pid can be reused once its process exits. The listener reads the caller's start time right
+//! after accepting the connection ([`PeerInfo::start_time`]); the attestor compares it with the
+//! start time it reads now and refuses a different process ([`AttestError::PidReused`]), and it
+//! reads the start time again after reading `/proc` and fails with [`AttestError::ProcessGone`]
+//! if it changed meanwhile, so the selectors never mix two processes and never describe a
+//! process that inherited the caller's pid.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -104,6 +107,16 @@ impl UnixAttestor {
         let pid = peer.pid;
         let dir = self.proc_root.join(pid.to_string());
         let started = read_start_time(&dir, pid)?;
+        if peer
+            .start_time
+            .is_some_and(|at_accept| at_accept != started)
+        {
+            tracing::warn!(
+                pid,
+                "the caller's pid now belongs to another process (pid reused); refusing"
+            );
+            return Err(AttestError::PidReused { pid });
+        }
 
         let mut out = SelectorSet::new();
         push(&mut out, format!("uid:{}", peer.uid));
@@ -235,6 +248,12 @@ fn proc_error(pid: i32, path: &Path, e: io::Error) -> AttestError {
     }
 }
 
+/// The start time of process `pid` (field 22 of `<proc_root>/<pid>/stat`, clock ticks since
+/// boot).
+pub fn process_start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestError> {
+    read_start_time(&proc_root.join(pid.to_string()), pid)
+}
+
 /// Field 22 of `/proc/<pid>/stat`: the process start time in clock ticks since boot.
 fn read_start_time(dir: &Path, pid: i32) -> Result<u64, AttestError> {
     let path = dir.join("stat");
@@ -357,6 +376,7 @@ mod tests {
             pid: 4321,
             uid: 0,
             gid: 0,
+            start_time: None,
         };
         let got = attestor.attest_blocking(&peer).unwrap();
         let expected_hash = hex::encode(Sha256::digest(b"hello workload"));
@@ -386,6 +406,7 @@ mod tests {
             pid: 10,
             uid: 3_999_999_999,
             gid: 3_999_999_998,
+            start_time: None,
         };
         let got = attestor.attest_blocking(&peer).unwrap();
         assert!(got.contains(&sel("unix:uid:3999999999")));
@@ -403,6 +424,7 @@ mod tests {
             pid: 11,
             uid: 0,
             gid: 0,
+            start_time: None,
         };
         assert!(matches!(
             attestor.attest_blocking(&peer),
@@ -425,6 +447,7 @@ mod tests {
             pid: 10,
             uid: 0,
             gid: 0,
+            start_time: None,
         };
         assert!(matches!(
             attestor.attest_blocking(&peer),
@@ -440,6 +463,7 @@ mod tests {
             pid: 10,
             uid: 0,
             gid: 0,
+            start_time: None,
         };
         let got = attestor.attest_blocking(&peer).unwrap();
         assert!(got.iter().any(|s| s.value().starts_with("path:")));
@@ -454,6 +478,7 @@ mod tests {
             pid: 10,
             uid: 0,
             gid: 0,
+            start_time: None,
         };
         let hash_of = |set: &SelectorSet| {
             set.iter()
@@ -492,6 +517,39 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_recycled_pid_is_refused() {
+        let fake = fake_proc(10, "", b"x");
+        let attestor = UnixAttestor::with_proc_root(fake.root.path());
+        // Captured at accept time: the process started at tick 4242.
+        let at_accept = process_start_time(fake.root.path(), 10).unwrap();
+        assert_eq!(at_accept, 4242);
+        let peer = PeerInfo {
+            pid: 10,
+            uid: 0,
+            gid: 0,
+            start_time: Some(at_accept),
+        };
+        assert!(attestor.attest_blocking(&peer).is_ok());
+        // The caller exited and another process got pid 10.
+        std::fs::write(fake.root.path().join("10/stat"), stat_line(10, 9000)).unwrap();
+        assert!(matches!(
+            attestor.attest_blocking(&peer),
+            Err(AttestError::PidReused { pid: 10 })
+        ));
+        // Refused as PermissionDenied by the Workload API.
+        let status = tonic::Status::from(crate::api::ApiError::from(AttestError::PidReused {
+            pid: 10,
+        }));
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        // The new process itself, connecting anew, is attested on its own.
+        let newcomer = PeerInfo {
+            start_time: Some(9000),
+            ..peer
+        };
+        assert!(attestor.attest_blocking(&newcomer).is_ok());
+    }
+
     #[tokio::test]
     async fn real_current_process() {
         let attestor = UnixAttestor::new();
@@ -499,6 +557,7 @@ mod tests {
             pid: i32::try_from(std::process::id()).unwrap(),
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
+            start_time: None,
         };
         let got = attestor.attest(&peer).await.unwrap();
         let exe = std::env::current_exe().unwrap();

@@ -72,6 +72,16 @@ pub struct MockState {
     pub used_tokens: Mutex<Vec<String>>,
     pub agent_ttl: Mutex<Duration>,
     pub agents_issued: Mutex<u32>,
+    /// TTL of workload X.509-SVIDs.
+    pub svid_ttl: Mutex<Duration>,
+    /// A second CA (a rotation's next authority); signs instead of `ca` while `use_ca2`.
+    pub ca2: X509Authority,
+    pub use_ca2: std::sync::atomic::AtomicBool,
+    /// Served instead of [`MockState::bundle`]'s default when set.
+    pub bundle_override: Mutex<Option<TrustBundle>>,
+    /// While true every call fails with `Unavailable` and open sync streams break, as if the
+    /// server were down.
+    pub down: tokio::sync::watch::Sender<bool>,
 }
 
 impl MockState {
@@ -87,10 +97,40 @@ impl MockState {
             used_tokens: Mutex::new(Vec::new()),
             agent_ttl: Mutex::new(Duration::hours(1)),
             agents_issued: Mutex::new(0),
+            svid_ttl: Mutex::new(Duration::hours(1)),
+            ca2: new_ca(),
+            use_ca2: std::sync::atomic::AtomicBool::new(false),
+            bundle_override: Mutex::new(None),
+            down: tokio::sync::watch::channel(false).0,
         })
     }
 
+    /// Takes the server down (every call `Unavailable`, sync streams broken) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+
+    fn check_up(&self) -> Result<(), Status> {
+        if *self.down.borrow() {
+            Err(Status::unavailable("the server is down"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The CA that signs now.
+    pub fn signer(&self) -> &X509Authority {
+        if self.use_ca2.load(std::sync::atomic::Ordering::SeqCst) {
+            &self.ca2
+        } else {
+            &self.ca
+        }
+    }
+
     pub fn bundle(&self) -> TrustBundle {
+        if let Some(b) = self.bundle_override.lock().unwrap().clone() {
+            return b;
+        }
         let mut b = TrustBundle::new(td());
         b.x509_authorities.push(self.ca.cert_der().to_vec());
         b.sequence = 1;
@@ -110,7 +150,7 @@ impl MockState {
         let csr =
             VerifiedCsr::from_der(csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(self
-            .ca
+            .signer()
             .sign_svid(
                 &csr,
                 &SvidParams {
@@ -162,6 +202,7 @@ impl Node for MockNode {
         request: Request<Streaming<pb::AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
         self.0.record("Attest", &request);
+        self.0.check_up()?;
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -208,6 +249,7 @@ impl Node for MockNode {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         self.0.record("Renew", &request);
+        self.0.check_up()?;
         let id = SpiffeId::new("spiffe://example.org/mayfly/agent/join_token/tok0").unwrap();
         let n = *self.0.agents_issued.lock().unwrap();
         let id = if n == 0 {
@@ -231,6 +273,7 @@ impl Node for MockNode {
         request: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         self.0.record("Sync", &request);
+        self.0.check_up()?;
         if let Some(Some(status)) = self.0.sync_plan.lock().unwrap().pop_front() {
             return Err(status);
         }
@@ -242,10 +285,20 @@ impl Node for MockNode {
             bundle: Some(self.0.bundle().to_proto()),
         };
         let mut updates = self.0.updates.subscribe();
+        let mut down = self.0.down.subscribe();
         let stream = async_stream::stream! {
             yield Ok(full);
-            while let Ok(u) = updates.recv().await {
-                yield Ok(u);
+            loop {
+                tokio::select! {
+                    u = updates.recv() => match u {
+                        Ok(u) => yield Ok(u),
+                        Err(_) => break,
+                    },
+                    () = async { let _ = down.wait_for(|d| *d).await; } => {
+                        yield Err(Status::unavailable("the server went down"));
+                        break;
+                    }
+                }
             }
         };
         Ok(Response::new(Box::pin(stream)))
@@ -256,6 +309,8 @@ impl Node for MockNode {
         request: Request<pb::SignX509Request>,
     ) -> Result<Response<pb::SignX509Response>, Status> {
         self.0.record("SignX509", &request);
+        self.0.check_up()?;
+        let ttl = *self.0.svid_ttl.lock().unwrap();
         let entries = self.0.entries.lock().unwrap().clone();
         let mut results = Vec::new();
         for item in &request.get_ref().items {
@@ -266,7 +321,7 @@ impl Node for MockNode {
                 )));
             };
             let id = SpiffeId::new(&e.spiffe_id).unwrap();
-            let der = self.0.sign(&item.csr, &id, Duration::hours(1))?;
+            let der = self.0.sign(&item.csr, &id, ttl)?;
             results.push(pb::X509SignResult {
                 entry_id: e.id.clone(),
                 svid_chain: vec![der],
@@ -281,6 +336,7 @@ impl Node for MockNode {
         request: Request<pb::MintJwtRequest>,
     ) -> Result<Response<pb::MintJwtResponse>, Status> {
         self.0.record("MintJwt", &request);
+        self.0.check_up()?;
         let r = request.get_ref();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must not be empty"));
@@ -364,8 +420,17 @@ impl Transport for MemTransport {
 
 /// Waits (up to 10 s) until the cache satisfies `pred`.
 pub async fn wait_for_cache(cache: &Cache, pred: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
+    wait_for_cache_within(cache, StdDuration::from_secs(10), pred).await
+}
+
+/// Waits (up to `limit`) until the cache satisfies `pred`.
+pub async fn wait_for_cache_within(
+    cache: &Cache,
+    limit: StdDuration,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
     let mut rx = cache.subscribe();
-    tokio::time::timeout(StdDuration::from_secs(10), async {
+    tokio::time::timeout(limit, async {
         loop {
             let current = rx.borrow_and_update().clone();
             if pred(&current) {
