@@ -65,6 +65,8 @@ pub struct RawServer {
     pub admin_socket_path: Option<PathBuf>,
     /// CA lifetime; default `24h`.
     pub ca_ttl: Option<String>,
+    /// JWT signing key lifetime; default `ca_ttl`.
+    pub jwt_key_ttl: Option<String>,
     /// Default X.509-SVID lifetime; default `1h`.
     pub default_x509_svid_ttl: Option<String>,
     /// Default JWT-SVID lifetime; default `5m`.
@@ -105,6 +107,8 @@ pub struct ServerConfig {
     pub admin_socket_path: PathBuf,
     /// CA lifetime.
     pub ca_ttl: Ttl,
+    /// JWT signing key lifetime (rotated on the same schedule as the CA).
+    pub jwt_key_ttl: Ttl,
     /// Default X.509-SVID lifetime.
     pub default_x509_svid_ttl: Ttl,
     /// Default JWT-SVID lifetime.
@@ -192,12 +196,18 @@ impl ServerConfig {
                 ));
             }
         };
+        let ca_ttl = ttl("server.ca_ttl", s.ca_ttl, "24h")?;
+        let jwt_key_ttl = match s.jwt_key_ttl {
+            Some(v) => ttl("server.jwt_key_ttl", Some(v), "")?,
+            None => ca_ttl,
+        };
         let cfg = Self {
             trust_domain,
             data_dir,
             bind_address,
             admin_socket_path,
-            ca_ttl: ttl("server.ca_ttl", s.ca_ttl, "24h")?,
+            ca_ttl,
+            jwt_key_ttl,
             default_x509_svid_ttl: ttl(
                 "server.default_x509_svid_ttl",
                 s.default_x509_svid_ttl,
@@ -233,6 +243,29 @@ mod tests {
         assert!(c.bind_address.ip().is_loopback());
         assert_eq!(c.default_x509_svid_ttl.as_secs(), 3600);
         assert_eq!(c.default_jwt_svid_ttl.as_secs(), 300);
+    }
+
+    #[test]
+    fn short_lifetimes_for_tests_and_the_jwt_key_ttl() {
+        let c = ServerConfig::parse(
+            "[server]\nca_ttl = \"60s\"\ndefault_x509_svid_ttl = \"4s\"\nagent_svid_ttl = \"10s\"\ndefault_jwt_svid_ttl = \"5s\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ca_ttl.as_secs(), 60);
+        assert_eq!(c.jwt_key_ttl.as_secs(), 60, "defaults to ca_ttl");
+        assert_eq!(c.default_x509_svid_ttl.as_secs(), 4);
+        assert_eq!(c.agent_svid_ttl.as_secs(), 10);
+        let c =
+            ServerConfig::parse("[server]\njwt_key_ttl = \"2h\"\n", Path::new("s.toml")).unwrap();
+        assert_eq!(c.jwt_key_ttl.as_secs(), 7200);
+        let err =
+            ServerConfig::parse("[server]\nca_ttl = \"60s\"\n", Path::new("s.toml")).unwrap_err();
+        assert!(err.to_string().contains("default_x509_svid_ttl"), "{err}");
+        // A JWT-SVID lifetime longer than the key's is clamped when minting.
+        assert!(
+            ServerConfig::parse("[server]\njwt_key_ttl = \"1m\"\n", Path::new("s.toml")).is_ok()
+        );
     }
 
     #[test]

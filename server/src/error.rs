@@ -50,5 +50,11 @@ impl From<mayfly::x509::X509Error> for ServiceError {
     }
 }
 
+impl From<crate::authority::AuthorityError> for ServiceError {
+    fn from(e: crate::authority::AuthorityError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
 /// Shorthand.
 pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -2,7 +2,7 @@
 //! domain.
 
 pub mod admin;
-pub mod ca;
+pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -7,9 +7,8 @@
 
 use std::fs;
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use mayfly::clock::SystemClock;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::ca::Authorities;
+use crate::authority::AuthorityManager;
 use crate::config::ServerConfig;
 use crate::state::ServerState;
 use crate::store::sled_store::SledStore;
@@ -98,8 +97,8 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<ServerState> {
     let store = SledStore::open(&store_dir)
         .with_context(|| format!("opening the store {}", store_dir.display()))?;
     let clock = Arc::new(SystemClock);
-    let authorities = Authorities::load_or_create(&config, mayfly::clock::Clock::now(&*clock))
-        .context("loading the CA")?;
+    let authorities = AuthorityManager::load_or_create(&config, mayfly::clock::Clock::now(&*clock))
+        .context("loading the authorities")?;
     Ok(ServerState::new(
         config,
         Arc::new(store),
@@ -115,8 +114,11 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningServer> {
     let config = &state.config;
-    let bundle_path = config.data_dir.join("bundle.pem");
-    write_bundle_pem(&state, &bundle_path)?;
+    let bundle_path = state.bundle_pem_path();
+    state
+        .write_bundle_pem()
+        .with_context(|| format!("writing {}", bundle_path.display()))?;
+    tracing::info!(path = %bundle_path.display(), "wrote the trust bundle (PEM)");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Arc::new(stop_tx);
@@ -137,6 +139,10 @@ pub async fn start(
     };
 
     tokio::spawn(prune_join_tokens(Arc::clone(&state), stop_rx.clone()));
+    tokio::spawn(crate::authority::rotate::run(
+        Arc::clone(&state),
+        stop_rx.clone(),
+    ));
 
     let task = tokio::spawn(supervise(
         shutdown,
@@ -278,33 +284,6 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the CA certificates as PEM, atomically (temp file + rename),
-/// readable by all (they are public).
-fn write_bundle_pem(state: &ServerState, path: &Path) -> anyhow::Result<()> {
-    let pems: Vec<pem::Pem> = state
-        .bundle()
-        .x509_authorities
-        .into_iter()
-        .map(|der| pem::Pem::new("CERTIFICATE", der))
-        .collect();
-    let text = pem::encode_many(&pems);
-    let tmp = path.with_extension("pem.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
-    tracing::info!(path = %path.display(), "wrote the trust bundle (PEM)");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,9 +310,10 @@ mod tests {
         let pem_text = fs::read_to_string(server.bundle_path()).unwrap();
         let certs = pem::parse_many(&pem_text).unwrap();
         assert_eq!(certs.len(), 1);
+        let authorities = server.state().authorities.snapshot();
         assert_eq!(
             certs[0].contents(),
-            server.state().authorities.x509.cert_der()
+            authorities.active_x509().unwrap().1.cert_der()
         );
         tokio::net::TcpStream::connect(server.node_addr())
             .await

@@ -1,6 +1,9 @@
 //! The server's shared state: configuration, store, authorities, the
 //! in-memory entry index, and the change feed that `Sync` streams follow.
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -12,10 +15,34 @@ use mayfly::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
-use crate::ca::Authorities;
+use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::{NodeRecord, Store};
+
+/// The store's meta key of the trust bundle (SPIFFE JSON).
+const BUNDLE_KEY: &str = "bundle";
+
+/// Writes the X.509 authorities of `bundle` as PEM to `path`, atomically
+/// (temp file + fsync + rename), readable by all (they are public).
+pub fn write_bundle_pem(bundle: &TrustBundle, path: &Path) -> std::io::Result<()> {
+    let pems: Vec<pem::Pem> = bundle
+        .x509_authorities
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+        .collect();
+    let text = pem::encode_many(&pems);
+    let tmp = path.with_extension("pem.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
 
 /// A change that `Sync` streams may need to push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +74,8 @@ pub struct ServerState {
     pub clock: Arc<dyn Clock>,
     /// Durable storage.
     pub store: Arc<dyn Store>,
-    /// Signing authorities.
-    pub authorities: Authorities,
+    /// Signing authorities (X.509 CAs and JWT keys in their slots).
+    pub authorities: AuthorityManager,
     index: RwLock<EntryIndex>,
     // Serialises writers so that store order, index order and revision order agree.
     write_lock: Mutex<()>,
@@ -57,7 +84,9 @@ pub struct ServerState {
     node_writes: Mutex<()>,
     events: broadcast::Sender<ChangeEvent>,
     revision: AtomicU64,
-    bundle_sequence: AtomicU64,
+    // Serialises bundle publication, so that the store and bundle.pem
+    // always end with the latest bundle.
+    publish: Mutex<()>,
 }
 
 impl ServerState {
@@ -66,7 +95,7 @@ impl ServerState {
         config: ServerConfig,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        authorities: Authorities,
+        authorities: AuthorityManager,
     ) -> ServiceResult<Self> {
         let mut index = EntryIndex::new();
         let mut revision = 0;
@@ -75,6 +104,7 @@ impl ServerState {
             index.upsert(e);
         }
         let bundle_sequence = Self::persist_bundle(store.as_ref(), &authorities)?;
+        authorities.set_sequence(bundle_sequence);
         let server_id = mayfly::id::server_id(&config.trust_domain);
         let (events, _) = broadcast::channel(4096);
         Ok(Self {
@@ -88,17 +118,16 @@ impl ServerState {
             node_writes: Mutex::new(()),
             events,
             revision: AtomicU64::new(revision),
-            bundle_sequence: AtomicU64::new(bundle_sequence),
+            publish: Mutex::new(()),
         })
     }
 
     /// Keeps the trust bundle in the store: the same authorities keep their
     /// sequence number across restarts; new ones get the next number, so
     /// relying parties can tell a changed bundle from a re-published one.
-    fn persist_bundle(store: &dyn Store, authorities: &Authorities) -> ServiceResult<u64> {
-        const KEY: &str = "bundle";
-        let current = authorities.bundle(0);
-        let stored = store.get_meta(KEY)?.and_then(|json| {
+    fn persist_bundle(store: &dyn Store, authorities: &AuthorityManager) -> ServiceResult<u64> {
+        let current = authorities.snapshot().bundle();
+        let stored = store.get_meta(BUNDLE_KEY)?.and_then(|json| {
             match TrustBundle::from_spiffe_json(current.trust_domain.clone(), &json) {
                 Ok(b) => Some(b),
                 Err(e) => {
@@ -120,10 +149,12 @@ impl ServerState {
             None => 1,
         };
         if stored.as_ref().is_none_or(|b| b.sequence != sequence) {
-            let json = authorities.bundle(sequence).to_spiffe_json().map_err(|e| {
+            let mut bundle = current;
+            bundle.sequence = sequence;
+            let json = bundle.to_spiffe_json().map_err(|e| {
                 ServiceError::Internal(format!("cannot encode the trust bundle: {e}"))
             })?;
-            store.put_meta(KEY, json.as_bytes())?;
+            store.put_meta(BUNDLE_KEY, json.as_bytes())?;
         }
         Ok(sequence)
     }
@@ -143,10 +174,94 @@ impl ServerState {
         self.revision.load(Ordering::SeqCst)
     }
 
-    /// The current trust bundle.
+    /// The current trust bundle: every prepared, active and old authority,
+    /// with the tainted ones listed.
     pub fn bundle(&self) -> TrustBundle {
-        self.authorities
-            .bundle(self.bundle_sequence.load(Ordering::SeqCst))
+        self.authorities.snapshot().bundle()
+    }
+
+    /// `<data_dir>/bundle.pem`: the X.509 authorities, for bootstrapping
+    /// agents (`trust_bundle_path`).
+    pub fn bundle_pem_path(&self) -> PathBuf {
+        self.config.data_dir.join("bundle.pem")
+    }
+
+    /// Writes the current X.509 authorities to [`Self::bundle_pem_path`].
+    pub fn write_bundle_pem(&self) -> std::io::Result<()> {
+        write_bundle_pem(&self.bundle(), &self.bundle_pem_path())
+    }
+
+    /// After an authority change: stores the new bundle, rewrites
+    /// `bundle.pem` and tells every `Sync` stream (which pushes it to its
+    /// agent). Blocking.
+    fn publish_bundle(&self) -> ServiceResult<()> {
+        let _p = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        let bundle = self.bundle();
+        let json = bundle
+            .to_spiffe_json()
+            .map_err(|e| ServiceError::Internal(format!("cannot encode the trust bundle: {e}")))?;
+        // Agents are told even if the copies on disk fail: they are what
+        // must not miss a prepared authority.
+        let stored = self.store.put_meta(BUNDLE_KEY, json.as_bytes());
+        let pem = write_bundle_pem(&bundle, &self.bundle_pem_path());
+        let _ = self.events.send(ChangeEvent::Bundle);
+        tracing::info!(
+            sequence = bundle.sequence,
+            x509_authorities = bundle.x509_authorities.len(),
+            jwt_authorities = bundle.jwt_authorities.len(),
+            "published the trust bundle"
+        );
+        stored?;
+        pem.map_err(|e| {
+            ServiceError::Internal(format!(
+                "cannot write {}: {e}",
+                self.bundle_pem_path().display()
+            ))
+        })
+    }
+
+    /// Every authority of `kind`, oldest first.
+    pub fn list_authorities(&self, kind: Kind) -> Vec<AuthorityInfo> {
+        self.authorities.snapshot().list(kind)
+    }
+
+    /// Prepares a new authority of `kind` and publishes it. Blocking.
+    pub fn prepare_authority(&self, kind: Kind) -> ServiceResult<AuthorityInfo> {
+        let a = self.authorities.prepare(kind, self.now())?;
+        self.publish_bundle()?;
+        Ok(a)
+    }
+
+    /// Activates the prepared authority of `kind`. Blocking.
+    pub fn activate_authority(&self, kind: Kind) -> ServiceResult<AuthorityInfo> {
+        let a = self.authorities.activate(kind)?;
+        self.publish_bundle()?;
+        Ok(a)
+    }
+
+    /// Taints an old authority. Blocking.
+    pub fn taint_authority(&self, kind: Kind, id: &str) -> ServiceResult<AuthorityInfo> {
+        let a = self.authorities.taint(kind, id)?;
+        self.publish_bundle()?;
+        Ok(a)
+    }
+
+    /// Revokes a tainted authority. Blocking.
+    pub fn revoke_authority(&self, kind: Kind, id: &str) -> ServiceResult<AuthorityInfo> {
+        let a = self.authorities.revoke(kind, id)?;
+        self.publish_bundle()?;
+        Ok(a)
+    }
+
+    /// One pass of the rotation schedule at the injected clock's now;
+    /// publishes the bundle when anything changed. Returns when the
+    /// schedule next has something to do. Blocking.
+    pub fn rotate_authorities(&self) -> ServiceResult<OffsetDateTime> {
+        let r = self.authorities.rotate(self.now())?;
+        if r.changed {
+            self.publish_bundle()?;
+        }
+        Ok(r.next_check)
     }
 
     /// Follows changes. A receiver that lags behind gets
@@ -253,7 +368,7 @@ mod tests {
         let open = |cfg: &ServerConfig, at: OffsetDateTime| {
             let store: Arc<dyn Store> =
                 Arc::new(SledStore::open(&cfg.data_dir.join("store")).unwrap());
-            let auth = Authorities::load_or_create(cfg, at).unwrap();
+            let auth = AuthorityManager::load_or_create(cfg, at).unwrap();
             ServerState::new(cfg.clone(), store, Arc::new(SystemClock), auth).unwrap()
         };
         let first = open(&cfg, now).bundle();

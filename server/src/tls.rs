@@ -1,7 +1,10 @@
 //! The node API's TLS: the server's own X.509-SVID
 //! (`spiffe://<td>/mayfly/server`), renewed in the background at half
-//! life, and the client verifier that accepts agents' SVIDs (and, for
-//! `Attest` only, no certificate at all).
+//! life and re-issued when a new CA becomes active, and the client
+//! verifier that accepts agents' SVIDs (and, for `Attest` only, no
+//! certificate at all) against every CA of the current bundle, rebuilt
+//! when the bundle changes: across an activation, agents holding SVIDs of
+//! the old CA and of the new one are both accepted.
 //!
 //! Crypto is rustls with the aws-lc-rs provider, chosen explicitly rather
 //! than through a process-wide default.
@@ -16,10 +19,12 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::error::ServiceError;
-use crate::state::ServerState;
+use crate::state::{ChangeEvent, ServerState};
 
 /// The shortest wait between renewals, so that a nearly expired CA cannot
 /// make the renewal loop spin.
@@ -59,10 +64,12 @@ pub struct ServerSvid {
     pub issued_at: OffsetDateTime,
     /// NotAfter.
     pub not_after: OffsetDateTime,
+    /// The id of the CA that signed it.
+    pub issuer_id: String,
 }
 
-/// Issues a server SVID for a fresh key, valid for `agent_svid_ttl` or
-/// until the CA expires, whichever is sooner.
+/// Issues a server SVID for a fresh key from the active CA, valid for
+/// `agent_svid_ttl` or until the CA expires, whichever is sooner.
 pub fn issue_server_svid(
     state: &ServerState,
     provider: &CryptoProvider,
@@ -70,7 +77,7 @@ pub fn issue_server_svid(
     let key = new_key_and_csr().map_err(|e| TlsError::Key(e.to_string()))?;
     let csr = VerifiedCsr::from_der(&key.csr_der).map_err(|e| TlsError::Key(e.to_string()))?;
     let issued_at = state.now();
-    let signed = state.sign_x509_svid(
+    let (signed, issuer_id) = state.sign_x509_svid_by(
         &state.server_id,
         &csr,
         Some(state.config.agent_svid_ttl),
@@ -83,6 +90,7 @@ pub fn issue_server_svid(
         certified: Arc::new(certified),
         issued_at,
         not_after: signed.not_after,
+        issuer_id,
     })
 }
 
@@ -167,25 +175,60 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Renews the server SVID at half life until `shutdown` turns true.
-pub async fn renew_server_svid(
+/// Keeps the node API's TLS current until `shutdown` turns true: renews
+/// the server SVID at half life, and on every bundle change rebuilds the
+/// client verifier from the new bundle (published through `acceptor`) and
+/// re-issues the server SVID if another CA is now active.
+pub async fn maintain(
     state: Arc<ServerState>,
     resolver: Arc<SvidResolver>,
+    acceptor: watch::Sender<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let provider = provider();
+    let mut events = state.subscribe();
     let mut wait = {
         let svid = resolver.current();
         refresh_in(svid.issued_at, svid.not_after, state.now())
     };
+    let mut deadline = tokio::time::Instant::now() + wait;
     loop {
-        tokio::select! {
+        // A deadline rather than a fresh sleep, so that unrelated events
+        // cannot postpone the renewal.
+        let sleep = tokio::time::sleep_until(deadline);
+        let bundle_changed = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return,
-            () = tokio::time::sleep(wait) => {}
+            () = sleep => false,
+            ev = events.recv() => match ev {
+                Ok(ChangeEvent::Bundle) | Err(RecvError::Lagged(_)) => true,
+                Ok(_) => continue,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        let mut renew = !bundle_changed;
+        if bundle_changed {
+            let active = state
+                .authorities
+                .snapshot()
+                .active_x509()
+                .map(|(id, _)| id.to_owned());
+            renew = active.as_deref() != Some(resolver.current().issuer_id.as_str());
+            match server_config(&state, Arc::clone(&resolver)) {
+                Ok(config) => {
+                    acceptor.send_replace(TlsAcceptor::from(config));
+                    tracing::info!("node API trusts the new bundle's X.509 authorities");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the node API's client verifier")
+                }
+            }
+        }
+        if !renew {
+            continue;
         }
         match issue_server_svid(&state, &provider) {
             Ok(svid) => {
-                tracing::info!(not_after = %svid.not_after, "renewed the server SVID");
+                tracing::info!(not_after = %svid.not_after, issuer = %svid.issuer_id, "renewed the server SVID");
                 wait = refresh_in(svid.issued_at, svid.not_after, state.now());
                 resolver.replace(svid);
             }
@@ -194,6 +237,7 @@ pub async fn renew_server_svid(
                 wait = RETRY_AFTER;
             }
         }
+        deadline = tokio::time::Instant::now() + wait;
     }
 }
 

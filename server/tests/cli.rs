@@ -343,3 +343,114 @@ fn a_broken_config_is_exit_1_naming_file_line_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn authority_rotation_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, socket) = start(tmp.path());
+
+    let shown = json(&socket, &["authority", "show"]);
+    let x509 = shown["x509"].as_array().unwrap();
+    assert_eq!(x509.len(), 1);
+    assert_eq!(x509[0]["phase"], "active");
+    assert_eq!(x509[0]["tainted"], false);
+    assert!(x509[0]["not_after"].as_str().is_some());
+    assert_eq!(shown["jwt"][0]["phase"], "active");
+    let first = x509[0]["id"].as_str().unwrap().to_owned();
+
+    // healthcheck reports the authorities too.
+    let health = json(&socket, &["healthcheck"]);
+    assert_eq!(health["authorities"]["x509"][0]["id"], first.as_str());
+    let out = cli(&socket, &["healthcheck"]);
+    assert!(out.status.success());
+    let t = text(&out.stdout);
+    assert!(t.contains(&first) && t.contains("active"), "{t}");
+
+    let prepared = json(&socket, &["authority", "prepare", "--type", "x509"]);
+    assert_eq!(prepared["phase"], "prepared");
+    let err = failure(&cli(&socket, &["authority", "prepare", "--type", "x509"]));
+    assert!(err.contains("already prepared"), "{err}");
+    let bundle = cli(&socket, &["bundle", "show"]);
+    assert_eq!(pem::parse_many(&bundle.stdout).unwrap().len(), 2);
+
+    let active = json(&socket, &["authority", "activate", "--type", "x509"]);
+    assert_eq!(active["id"], prepared["id"]);
+    assert_eq!(active["phase"], "active");
+    let err = failure(&cli(&socket, &["authority", "activate", "--type", "x509"]));
+    assert!(err.contains("no x509 authority is prepared"), "{err}");
+
+    let err = failure(&cli(
+        &socket,
+        &[
+            "authority",
+            "revoke",
+            "--type",
+            "x509",
+            "--authority-id",
+            &first,
+        ],
+    ));
+    assert!(err.contains("not tainted"), "{err}");
+    let tainted = json(
+        &socket,
+        &[
+            "authority",
+            "taint",
+            "--type",
+            "x509",
+            "--authority-id",
+            &first,
+        ],
+    );
+    assert_eq!(
+        (tainted["phase"].as_str(), tainted["tainted"].as_bool()),
+        (Some("old"), Some(true))
+    );
+    let revoked = json(
+        &socket,
+        &[
+            "authority",
+            "revoke",
+            "--type",
+            "x509",
+            "--authority-id",
+            &first,
+        ],
+    );
+    assert_eq!(revoked["id"], first.as_str());
+
+    let shown = json(&socket, &["authority", "show"]);
+    let x509 = shown["x509"].as_array().unwrap();
+    assert_eq!(x509.len(), 1);
+    assert_eq!(x509[0]["id"], prepared["id"]);
+    assert_eq!(x509[0]["phase"], "active");
+    let bundle = cli(&socket, &["bundle", "show"]);
+    assert_eq!(pem::parse_many(&bundle.stdout).unwrap().len(), 1);
+
+    // The JWT key rotates the same way; text output names the phase.
+    let out = cli(&socket, &["authority", "prepare", "--type", "jwt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("prepared"));
+    let out = cli(&socket, &["authority", "show"]);
+    let t = text(&out.stdout);
+    assert!(t.starts_with("TYPE"), "{t}");
+    assert_eq!(t.lines().filter(|l| l.starts_with("jwt")).count(), 2, "{t}");
+    let err = failure(&cli(
+        &socket,
+        &[
+            "authority",
+            "taint",
+            "--type",
+            "jwt",
+            "--authority-id",
+            "nope",
+        ],
+    ));
+    assert!(err.contains("nope"), "{err}");
+    // Transitions are logged with the authority id and phase.
+    let log = server.log_text();
+    assert!(
+        log.contains(&first) && log.contains("authority revoked"),
+        "{log}"
+    );
+}

@@ -14,6 +14,7 @@ use mayfly::proto::node::{
     SyncResponse, X509SignItem, attest_request, attest_response,
 };
 use mayfly::x509::{KeyAndCsr, SvidInfo, new_key_and_csr};
+use mayfly_server::authority::Kind;
 use mayfly_server::config::ServerConfig;
 use mayfly_server::run::{RunningServer, run};
 use mayfly_server::state::ServerState;
@@ -38,6 +39,7 @@ struct SpiffeServerVerifier {
     expected: String,
     provider: Arc<CryptoProvider>,
     seen: Mutex<Option<String>>,
+    seen_cert: Mutex<Option<Vec<u8>>>,
 }
 
 fn uri_sans(der: &[u8]) -> Vec<String> {
@@ -76,6 +78,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let uris = uri_sans(end_entity);
         *self.seen.lock().unwrap() = uris.first().cloned();
+        *self.seen_cert.lock().unwrap() = Some(end_entity.to_vec());
         if uris != [self.expected.clone()] {
             return Err(rustls::Error::General(format!(
                 "server presented {uris:?}, expected {}",
@@ -172,6 +175,7 @@ impl TestServer {
             expected: expected.to_owned(),
             provider: Arc::clone(&provider),
             seen: Mutex::new(None),
+            seen_cert: Mutex::new(None),
         });
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -393,8 +397,10 @@ async fn attest_sync_sign_mint_and_ban() {
         ["spiffe://example.org/api"]
     );
     assert_eq!(result.expires_at, cert.validity().not_after.timestamp());
+    let authorities = t.state().authorities.snapshot();
     let (_, ca) =
-        x509_parser::parse_x509_certificate(t.state().authorities.x509.cert_der()).unwrap();
+        x509_parser::parse_x509_certificate(authorities.active_x509().unwrap().1.cert_der())
+            .unwrap();
     cert.verify_signature(Some(ca.public_key())).unwrap();
 
     // Another agent's entry, a removed entry, and a bad CSR are refused.
@@ -624,4 +630,231 @@ async fn aliases_tokens_and_server_identity() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Whether `cert` (DER) is signed by the CA `ca` (DER).
+fn signed_by(cert: &[u8], ca: &[u8]) -> bool {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(ca).unwrap();
+    cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+/// The next Sync message that carries a bundle.
+async fn next_bundle(stream: &mut Streaming<SyncResponse>) -> mayfly::proto::node::Bundle {
+    loop {
+        let msg = next(stream).await.unwrap().unwrap();
+        if let Some(b) = msg.bundle {
+            return b;
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    state: &Arc<ServerState>,
+    f: impl FnOnce(&ServerState) -> T + Send + 'static,
+) -> T {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .unwrap()
+}
+
+/// An agent attested under the first CA keeps working across a rotation:
+/// the prepared CA reaches it before it signs, its old-CA SVID is still
+/// accepted after activation (old and new connections alike), new SVIDs
+/// chain to the new CA, the server's own certificate moves to the new CA,
+/// and taint and revoke reach it through Sync.
+#[tokio::test]
+async fn an_agent_keeps_working_across_an_authority_rotation() {
+    let t = TestServer::start().await;
+    let (mut anon, _) = t.client(None).await;
+    let token = t.create_token(None).await;
+    let agent = attest(&mut anon, &token).await.unwrap();
+    // A second agent that never renews: only the TLS layer can refuse it
+    // once its CA is revoked.
+    let token = t.create_token(None).await;
+    let idle = attest(&mut anon, &token).await.unwrap();
+    let ca1 = t.state().bundle().x509_authorities[0].clone();
+    assert!(signed_by(&agent.cert, &ca1));
+    let entry = t
+        .add_entry("spiffe://example.org/web", &agent.spiffe_id)
+        .await;
+
+    let (mut client, _) = t.client(Some(&agent)).await;
+    let mut sync = client.sync(SyncRequest {}).await.unwrap().into_inner();
+    let snapshot = next(&mut sync).await.unwrap().unwrap();
+    let b = snapshot.bundle.unwrap();
+    assert_eq!(b.x509_authorities, std::slice::from_ref(&ca1));
+    let seq1 = b.sequence;
+
+    // Prepare: the agent gets both CAs before the new one signs anything.
+    let prepared = blocking(t.state(), |s| s.prepare_authority(Kind::X509))
+        .await
+        .unwrap();
+    let b = next_bundle(&mut sync).await;
+    assert_eq!(b.x509_authorities.len(), 2);
+    assert_eq!(b.x509_authorities[0], ca1);
+    assert!(b.sequence > seq1);
+    assert!(b.tainted_x509_authorities.is_empty());
+    let ca2 = b.x509_authorities[1].clone();
+    let key = new_key_and_csr().unwrap();
+    let resp = client
+        .sign_x509(sign_request(&entry, key.csr_der.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        signed_by(&resp.results[0].svid_chain[0], &ca1),
+        "a prepared CA signs nothing"
+    );
+
+    // Activate: the same connection keeps working, and signs with CA2.
+    let active = blocking(t.state(), |s| s.activate_authority(Kind::X509))
+        .await
+        .unwrap();
+    assert_eq!(active.id, prepared.id);
+    let b = next_bundle(&mut sync).await;
+    assert_eq!(b.x509_authorities, [ca1.clone(), ca2.clone()]);
+    let resp = client
+        .sign_x509(sign_request(&entry, key.csr_der.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = &resp.results[0].svid_chain[0];
+    assert!(signed_by(svid, &ca2));
+    let info = SvidInfo::from_der(svid).unwrap();
+    assert!(info.not_after <= active.not_after);
+
+    // A new connection with the agent's CA1 SVID is accepted (CA1 is still
+    // among the verifier's roots), and the server soon presents an SVID
+    // from CA2.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (mut fresh, verifier) = t.client(Some(&agent)).await;
+        let mut stream = fresh.sync(SyncRequest {}).await.unwrap().into_inner();
+        let first = next(&mut stream).await.unwrap().unwrap();
+        assert_eq!(first.bundle.unwrap().x509_authorities.len(), 2);
+        fresh
+            .sign_x509(sign_request(&entry, key.csr_der.clone()))
+            .await
+            .unwrap();
+        let server_cert = verifier.seen_cert.lock().unwrap().clone().unwrap();
+        if signed_by(&server_cert, &ca2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server SVID was not re-issued from the new CA"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Taint the old CA: the agent learns it through Sync.
+    let old_id = t.state().list_authorities(Kind::X509)[0].id.clone();
+    let id = old_id.clone();
+    let tainted = blocking(t.state(), move |s| s.taint_authority(Kind::X509, &id))
+        .await
+        .unwrap();
+    assert!(tainted.tainted);
+    let b = next_bundle(&mut sync).await;
+    assert_eq!(b.tainted_x509_authorities, std::slice::from_ref(&ca1));
+    assert_eq!(b.x509_authorities.len(), 2);
+
+    // The agent replaces its SVID (now from CA2), then the old CA is revoked:
+    // the bundle loses it, and its SVIDs no longer get in.
+    let renew_key = new_key_and_csr().unwrap();
+    let renewed = client
+        .renew(RenewRequest {
+            csr: renew_key.csr_der.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(signed_by(&renewed.svid_chain[0], &ca2));
+    let renewed = Svid {
+        spiffe_id: agent.spiffe_id.clone(),
+        cert: renewed.svid_chain[0].clone(),
+        key: renew_key,
+    };
+    // The agent reconnects with its renewed SVID.
+    let (mut renewed_client, _) = t.client(Some(&renewed)).await;
+    let mut renewed_sync = renewed_client
+        .sync(SyncRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut renewed_sync).await.unwrap().unwrap();
+    // A connection (and a Sync stream) the idle agent opened before the
+    // revocation.
+    let (mut idle_client, _) = t.client(Some(&idle)).await;
+    let mut idle_sync = idle_client.sync(SyncRequest {}).await.unwrap().into_inner();
+    next(&mut idle_sync).await.unwrap().unwrap();
+    let id = old_id.clone();
+    blocking(t.state(), move |s| s.revoke_authority(Kind::X509, &id))
+        .await
+        .unwrap();
+    let b = next_bundle(&mut renewed_sync).await;
+    assert_eq!(b.x509_authorities, std::slice::from_ref(&ca2));
+    assert!(b.tainted_x509_authorities.is_empty());
+    let pem_text = std::fs::read_to_string(t.server.bundle_path()).unwrap();
+    assert_eq!(pem::parse_many(pem_text).unwrap().len(), 1);
+
+    // The open connection outlives the revocation, but its stream and
+    // calls do not.
+    let err = loop {
+        match next(&mut idle_sync).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("no longer trusted"),
+        "{}",
+        err.message()
+    );
+    let err = idle_client.sync(SyncRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("no longer trusted"),
+        "{}",
+        err.message()
+    );
+    let (mut new_client, _) = t.client(Some(&renewed)).await;
+    new_client
+        .sign_x509(sign_request(&entry, key.csr_der.clone()))
+        .await
+        .unwrap();
+    // The verifier follows the bundle asynchronously: poll until the
+    // revoked CA's SVID is refused on a new connection, by TLS (the idle
+    // agent's record is fine: the node API itself would let it in).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let refused = match t.client_expecting(Some(&idle), SERVER_ID).await {
+            Err(_) => true,
+            Ok((mut c, _)) => match c.sync(SyncRequest {}).await {
+                Ok(_) => false,
+                Err(status) => {
+                    assert!(
+                        !matches!(
+                            status.code(),
+                            Code::Unauthenticated | Code::PermissionDenied
+                        ),
+                        "refused by the node API rather than TLS: {status:?}"
+                    );
+                    true
+                }
+            },
+        };
+        if refused {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an SVID of a revoked CA still gets in"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.server.shutdown();
 }

@@ -8,6 +8,7 @@
 //! service method (`crate::service`) on the blocking pool, and shape JSON.
 
 pub mod agents;
+pub mod authorities;
 pub mod bundle;
 pub mod entries;
 pub mod error;
@@ -62,6 +63,14 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/agents/{id}/ban", post(agents::ban)),
         ("/v1/agents/{id}/evict", post(agents::evict)),
         ("/v1/bundle", get(bundle::show)),
+        ("/v1/authorities", get(authorities::list)),
+        ("/v1/authorities/{type}/prepare", post(authorities::prepare)),
+        (
+            "/v1/authorities/{type}/activate",
+            post(authorities::activate),
+        ),
+        ("/v1/authorities/{type}/taint", post(authorities::taint)),
+        ("/v1/authorities/{type}/revoke", post(authorities::revoke)),
         ("/v1/x509/mint", post(mint::x509)),
         ("/v1/jwt/mint", post(mint::jwt)),
     ]

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
 use super::router;
-use crate::ca::Authorities;
+use crate::authority::AuthorityManager;
 use crate::config::ServerConfig;
 use crate::state::ServerState;
 use crate::store::NodeRecord;
@@ -29,7 +29,7 @@ fn api() -> Api {
     let mut config = ServerConfig::development();
     config.data_dir = dir.path().to_owned();
     let now = time::OffsetDateTime::now_utc();
-    let authorities = Authorities::load_or_create(&config, now).unwrap();
+    let authorities = AuthorityManager::load_or_create(&config, now).unwrap();
     let store = SledStore::open(&dir.path().join("store")).unwrap();
     let state = Arc::new(
         ServerState::new(config, Arc::new(store), Arc::new(SystemClock), authorities).unwrap(),
@@ -517,7 +517,16 @@ async fn x509_mint_without_csr_returns_the_identity_and_a_key() {
         &*cert.public_key().subject_public_key.data
     );
     let bundle = pem::parse_many(v["bundle_pem"].as_str().unwrap()).unwrap();
-    assert_eq!(bundle[0].contents(), api.state.authorities.x509.cert_der());
+    assert_eq!(
+        bundle[0].contents(),
+        api.state
+            .authorities
+            .snapshot()
+            .active_x509()
+            .unwrap()
+            .1
+            .cert_der()
+    );
 
     // With a CSR (PEM or base64 DER): no key comes back.
     let k = mayfly::x509::new_key_and_csr().unwrap();
@@ -620,7 +629,16 @@ async fn bundle_and_health() {
     let (status, bytes) = api.raw(Method::GET, "/v1/bundle?format=pem", None).await;
     assert_eq!(status, StatusCode::OK);
     let certs = pem::parse_many(&bytes).unwrap();
-    assert_eq!(certs[0].contents(), api.state.authorities.x509.cert_der());
+    assert_eq!(
+        certs[0].contents(),
+        api.state
+            .authorities
+            .snapshot()
+            .active_x509()
+            .unwrap()
+            .1
+            .cert_der()
+    );
     let (status, _) = api.call(Method::GET, "/v1/bundle?format=der", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
@@ -630,6 +648,121 @@ async fn bundle_and_health() {
     assert_eq!(v["trust_domain"], "example.org");
     assert_eq!(v["entries"], 0);
     assert!(v["ca_not_after"].as_str().is_some());
+    assert_eq!(v["authorities"]["x509"][0]["phase"], "active");
+    assert_eq!(v["authorities"]["jwt"][0]["phase"], "active");
+    assert_eq!(v["authorities"]["x509"][0]["not_after"], v["ca_not_after"]);
+    assert!(v["bundle_sequence"].as_u64().is_some());
+}
+
+fn authority_shape(a: &Value) {
+    let o = a.as_object().unwrap();
+    let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["id", "not_after", "not_before", "phase", "tainted"],
+        "{a}"
+    );
+    for t in ["not_before", "not_after"] {
+        time::OffsetDateTime::parse(
+            a[t].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn authorities_show_prepare_activate_taint_revoke() {
+    let api = api();
+    let (status, v) = api.call(Method::GET, "/v1/authorities", None).await;
+    assert_eq!(status, StatusCode::OK);
+    for kind in ["x509", "jwt"] {
+        let list = v[kind].as_array().unwrap();
+        assert_eq!(list.len(), 1);
+        authority_shape(&list[0]);
+        assert_eq!(list[0]["phase"], "active");
+        assert_eq!(list[0]["tainted"], false);
+    }
+    for kind in ["x509", "jwt"] {
+        let (_, v) = api.call(Method::GET, "/v1/authorities", None).await;
+        let first = v[kind][0]["id"].as_str().unwrap().to_owned();
+        let url = |op: &str| format!("/v1/authorities/{kind}/{op}");
+        let (status, v) = api.call(Method::POST, &url("activate"), None).await;
+        assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{v}");
+        assert_eq!(error_code(&v), "failed_precondition");
+        // No body, or {}.
+        let (status, prepared) = api.raw(Method::POST, &url("prepare"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        let prepared: Value = serde_json::from_slice(&prepared).unwrap();
+        authority_shape(&prepared);
+        assert_eq!(prepared["phase"], "prepared");
+        let (status, v) = api
+            .call(Method::POST, &url("prepare"), Some(json!({})))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(error_code(&v), "already_exists");
+        let (status, _) = api
+            .call(Method::POST, &url("prepare"), Some(json!({"x": 1})))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let taint = json!({"authority_id": first});
+        let (status, v) = api
+            .call(Method::POST, &url("taint"), Some(taint.clone()))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::PRECONDITION_FAILED,
+            "the active one signs: {v}"
+        );
+        let (status, active) = api
+            .call(Method::POST, &url("activate"), Some(json!({})))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(active["id"], prepared["id"]);
+        assert_eq!(active["phase"], "active");
+        let (status, v) = api
+            .call(Method::POST, &url("revoke"), Some(taint.clone()))
+            .await;
+        assert_eq!(status, StatusCode::PRECONDITION_FAILED, "not tainted: {v}");
+        let (status, v) = api
+            .call(
+                Method::POST,
+                &url("taint"),
+                Some(json!({"authority_id": "nope"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(error_code(&v), "not_found");
+        let (status, v) = api
+            .call(Method::POST, &url("taint"), Some(taint.clone()))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (v["phase"].as_str(), v["tainted"].as_bool()),
+            (Some("old"), Some(true))
+        );
+        let (_, v) = api.call(Method::GET, "/v1/authorities", None).await;
+        assert_eq!(v[kind].as_array().unwrap().len(), 2);
+        let (status, v) = api
+            .call(Method::POST, &url("revoke"), Some(taint.clone()))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v["id"], first);
+        let (_, v) = api.call(Method::GET, "/v1/authorities", None).await;
+        assert_eq!(v[kind].as_array().unwrap().len(), 1);
+        assert_eq!(v[kind][0]["id"], prepared["id"]);
+    }
+    let (status, v) = api
+        .call(Method::POST, "/v1/authorities/rsa/prepare", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x509 or jwt")
+    );
 }
 
 const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
@@ -656,7 +789,7 @@ async fn openapi_covers_every_route_and_only_routes() {
             routed.contains(&p.as_str()),
             "documented path {p} is not routed"
         );
-        let concrete = p.replace("{id}", "missing-id");
+        let concrete = p.replace("{id}", "missing-id").replace("{type}", "x509");
         for m in METHODS {
             let method = Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
             let (status, _) = api.raw(method, &concrete, Some("{}")).await;

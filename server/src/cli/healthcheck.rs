@@ -1,4 +1,5 @@
-//! `mayfly-server healthcheck`.
+//! `mayfly-server healthcheck`: the server answers, and its authorities
+//! with their phases and lifetimes.
 
 use std::process::ExitCode;
 
@@ -12,10 +13,12 @@ pub async fn run(conn: &Conn) -> anyhow::Result<ExitCode> {
     match conn.output {
         Output::Json => print_json(&v)?,
         Output::Text if healthy => print(&format!(
-            "Server is healthy: trust domain {}, {} entries, CA valid until {}\n",
+            "Server is healthy: trust domain {}, {} entries, CA valid until {}, bundle sequence {}\n\n{}",
             cell(&v["trust_domain"]),
             cell(&v["entries"]),
-            cell(&v["ca_not_after"])
+            cell(&v["ca_not_after"]),
+            cell(&v["bundle_sequence"]),
+            super::authority::table(&v["authorities"])
         ))?,
         Output::Text => eprintln!(
             "error: server is not healthy: status {}",

@@ -114,7 +114,7 @@ fn write_files(dir: &Path, svid: &str, key: &str, bundle: &str) -> anyhow::Resul
     let svid_path = dir.join("svid.pem");
     let key_path = dir.join("svid.key");
     let bundle_path = dir.join("bundle.pem");
-    crate::ca::write_private(&key_path, key.as_bytes())?;
+    crate::authority::write_private(&key_path, key.as_bytes())?;
     std::fs::write(&svid_path, svid)
         .with_context(|| format!("cannot write {}", svid_path.display()))?;
     std::fs::write(&bundle_path, bundle)

@@ -2,6 +2,7 @@
 //! command is a client of the admin API on its Unix socket.
 
 pub mod agent;
+pub mod authority;
 pub mod bundle;
 pub mod client;
 pub mod entry;
@@ -48,7 +49,8 @@ pub enum Command {
     /// Run the server until SIGINT or SIGTERM.
     #[command(after_help = EXIT_CODES_SHORT)]
     Run(RunArgs),
-    /// Check that the server answers on its admin socket (exit 0) or not (exit 1).
+    /// Check that the server answers on its admin socket (exit 0) or not
+    /// (exit 1), and show its authorities and their phases.
     #[command(after_help = EXIT_CODES_SHORT)]
     Healthcheck(Conn),
     /// Manage registration entries.
@@ -80,6 +82,16 @@ pub enum Command {
         /// The agent command.
         #[command(subcommand)]
         command: agent::AgentCommand,
+    },
+    /// Show and rotate the signing authorities (X.509 CA, JWT key).
+    #[command(after_help = EXIT_CODES_SHORT)]
+    Authority {
+        /// Connection and output.
+        #[command(flatten)]
+        conn: Conn,
+        /// The authority command.
+        #[command(subcommand)]
+        command: authority::AuthorityCommand,
     },
     /// Show this trust domain's bundle.
     #[command(after_help = EXIT_CODES_SHORT)]
@@ -195,6 +207,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Entry { conn, command } => client_runtime()?.block_on(entry::run(&conn, *command)),
         Command::Token { conn, command } => client_runtime()?.block_on(token::run(&conn, command)),
         Command::Agent { conn, command } => client_runtime()?.block_on(agent::run(&conn, command)),
+        Command::Authority { conn, command } => {
+            client_runtime()?.block_on(authority::run(&conn, command))
+        }
         Command::Bundle { conn, command } => {
             client_runtime()?.block_on(bundle::run(&conn, command))
         }

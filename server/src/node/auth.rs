@@ -15,7 +15,10 @@ use mayfly::x509::SvidInfo;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
+use x509_parser::extensions::ParsedExtension;
+
 use super::NodeCtx;
+use crate::authority::Kind;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::NodeRecord;
 
@@ -113,6 +116,62 @@ pub fn peer_leaf(certs: Option<&[CertificateDer<'static>]>) -> ServiceResult<Svi
     SvidInfo::from_der(leaf).map_err(|e| {
         ServiceError::Unauthenticated(format!("the client certificate is not an SVID: {e}"))
     })
+}
+
+/// The issuer of the client's leaf must still be in the bundle: the TLS
+/// handshake checked the chain against the bundle of that moment, and a
+/// connection can outlive a revocation. The leaf names its CA by its
+/// AuthorityKeyIdentifier (the CA's id), or else by issuer name. Returns
+/// the CA's id when the leaf names it, so that long-lived streams can
+/// re-check it when the bundle changes.
+pub fn check_issuer(
+    ctx: &NodeCtx,
+    certs: Option<&[CertificateDer<'static>]>,
+) -> ServiceResult<Option<String>> {
+    let Some(leaf) = certs.and_then(<[_]>::first) else {
+        return Ok(None); // peer_leaf reports the missing certificate
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
+        ServiceError::Unauthenticated(format!("the client certificate does not parse: {e}"))
+    })?;
+    let aki = cert
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        });
+    let trusted = match &aki {
+        Some(aki) => issuer_trusted(ctx, aki),
+        None => ctx.state.bundle().x509_authorities.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca)
+                .is_ok_and(|(_, ca)| ca.subject().as_raw() == cert.issuer().as_raw())
+        }),
+    };
+    if trusted {
+        Ok(aki)
+    } else {
+        Err(untrusted_issuer())
+    }
+}
+
+/// Whether X.509 authority `id` is still in the bundle.
+pub fn issuer_trusted(ctx: &NodeCtx, id: &str) -> bool {
+    ctx.state
+        .authorities
+        .snapshot()
+        .list(Kind::X509)
+        .iter()
+        .any(|a| a.id == id)
+}
+
+/// The refusal of an SVID whose CA left the bundle.
+pub fn untrusted_issuer() -> ServiceError {
+    ServiceError::Unauthenticated(
+        "the agent SVID was issued by an authority that is no longer trusted; attest again".into(),
+    )
 }
 
 /// Checks the client SVID against the stored node. Blocking (it may write

@@ -124,13 +124,24 @@ impl NodeService {
 
     /// Authenticates the calling agent and records it on the current span.
     async fn agent<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
+        self.agent_and_issuer(req).await.map(|(agent, _)| agent)
+    }
+
+    /// [`Self::agent`], and the id of the CA that issued its SVID (when
+    /// the SVID names it).
+    async fn agent_and_issuer<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(Agent, Option<String>), Status> {
         let certs = req.peer_certs();
         let svid = auth::peer_leaf(certs.as_deref().map(Vec::as_slice))?;
+        let issuer = auth::check_issuer(&self.ctx, certs.as_deref().map(Vec::as_slice))
+            .inspect_err(|e| tracing::info!(reason = %e, "refused agent"))?;
         let ctx = Arc::clone(&self.ctx);
         let agent = blocking(move || auth::authenticate(&ctx, &svid)).await;
         let agent = agent.inspect_err(|e| tracing::info!(reason = %e, "refused agent"))?;
         tracing::Span::current().record("agent", display(&agent.spiffe_id));
-        Ok(agent)
+        Ok((agent, issuer))
     }
 }
 
@@ -186,9 +197,9 @@ impl Node for NodeService {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let span = tracing::info_span!("node.sync", agent = Empty);
         async {
-            let agent = self.agent(&request).await?;
+            let (agent, issuer) = self.agent_and_issuer(&request).await?;
             tracing::info!("sync stream opened");
-            let stream = sync::stream(Arc::clone(&self.ctx), agent);
+            let stream = sync::stream(Arc::clone(&self.ctx), agent, issuer);
             Ok(Response::new(Box::pin(stream) as Self::SyncStream))
         }
         .instrument(span)
@@ -249,19 +260,16 @@ pub fn start(
     let svid = tls::issue_server_svid(&state, &tls::provider())?;
     let resolver = Arc::new(SvidResolver::new(svid));
     let config = tls::server_config(&state, Arc::clone(&resolver))?;
-    tokio::spawn(tls::renew_server_svid(
+    let (acceptor_tx, acceptor) = watch::channel(TlsAcceptor::from(config));
+    tokio::spawn(tls::maintain(
         Arc::clone(&state),
         resolver,
+        acceptor_tx,
         shutdown.clone(),
     ));
 
     let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(64);
-    tokio::spawn(accept_loop(
-        listener,
-        TlsAcceptor::from(config),
-        tx,
-        shutdown.clone(),
-    ));
+    tokio::spawn(accept_loop(listener, acceptor, tx, shutdown.clone()));
 
     let service = NodeService::new(Arc::new(NodeCtx::new(state, shutdown.clone())));
     let mut signal = shutdown;
@@ -281,9 +289,11 @@ pub fn start(
     }))
 }
 
+/// Accepts connections; each handshake uses the TLS configuration current
+/// when it was accepted (the client verifier follows the bundle).
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: watch::Receiver<TlsAcceptor>,
     streams: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -306,7 +316,7 @@ async fn accept_loop(
             return;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = acceptor.borrow().clone();
         let streams = streams.clone();
         tokio::spawn(async move {
             let _permit = permit;

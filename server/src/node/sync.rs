@@ -140,16 +140,21 @@ enum Step {
     Delta,
     /// Re-read the node (ban, eviction), then a delta or a full snapshot.
     Recheck { then_full: bool },
+    /// End the stream: the CA of the agent's SVID left the bundle.
+    IssuerRevoked,
     /// End the stream: the server is stopping.
     ShuttingDown,
 }
 
 /// The response stream of one `Sync` call. It ends with the node's status
 /// when the agent is banned (`PermissionDenied`) or evicted
-/// (`Unauthenticated`), and with `Unavailable` when the server shuts down.
+/// (`Unauthenticated`), when the CA that issued the agent's SVID (`issuer`)
+/// is revoked (`Unauthenticated`), and with `Unavailable` when the server
+/// shuts down.
 pub fn stream(
     ctx: Arc<NodeCtx>,
     agent: Agent,
+    issuer: Option<String>,
 ) -> impl Stream<Item = Result<SyncResponse, Status>> + Send + 'static {
     async_stream::stream! {
         // Subscribe before the snapshot so that no change falls between.
@@ -167,6 +172,7 @@ pub fn stream(
                 _ = shutdown.wait_for(|stop| *stop) => Step::ShuttingDown,
                 () = sleep => Step::Delta,
                 ev = events.recv() => match ev {
+                    Ok(ChangeEvent::Bundle) if issuer.as_deref().is_some_and(|id| !auth::issuer_trusted(&ctx, id)) => Step::IssuerRevoked,
                     Ok(ChangeEvent::Entries { .. } | ChangeEvent::Bundle) => Step::Delta,
                     Ok(ChangeEvent::Node { spiffe_id }) if spiffe_id != agent_key => Step::Nothing,
                     Ok(ChangeEvent::Node { .. }) => Step::Recheck { then_full: false },
@@ -180,6 +186,12 @@ pub fn stream(
             };
             let send_full = match step {
                 Step::Nothing => continue,
+                Step::IssuerRevoked => {
+                    let e = auth::untrusted_issuer();
+                    tracing::info!(agent = %agent_key, reason = %e, "sync: stream ended");
+                    yield Err(e.into());
+                    break;
+                }
                 Step::ShuttingDown => {
                     yield Err(Status::unavailable("the server is shutting down"));
                     break;

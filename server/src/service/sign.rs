@@ -28,8 +28,8 @@ impl ServerState {
     }
 
     /// Signs an X.509-SVID for `spiffe_id` over the CSR's public key, valid
-    /// for `ttl` (default `default_x509_svid_ttl`, clamped to the CA's
-    /// NotAfter) from the injected clock's now. Returns the leaf only.
+    /// for `ttl` (default `default_x509_svid_ttl`, clamped to the active
+    /// CA's NotAfter) from the injected clock's now. Returns the leaf only.
     pub fn sign_x509_svid(
         &self,
         spiffe_id: &SpiffeId,
@@ -37,6 +37,19 @@ impl ServerState {
         ttl: Option<Ttl>,
         dns_names: &[String],
     ) -> ServiceResult<SignedCert> {
+        self.sign_x509_svid_by(spiffe_id, csr, ttl, dns_names)
+            .map(|(signed, _)| signed)
+    }
+
+    /// [`Self::sign_x509_svid`], also returning the id of the CA that
+    /// signed (always the active one).
+    pub fn sign_x509_svid_by(
+        &self,
+        spiffe_id: &SpiffeId,
+        csr: &VerifiedCsr,
+        ttl: Option<Ttl>,
+        dns_names: &[String],
+    ) -> ServiceResult<(SignedCert, String)> {
         self.check_member(spiffe_id)?;
         let ttl = ttl.unwrap_or(self.config.default_x509_svid_ttl);
         let params = SvidParams {
@@ -44,11 +57,16 @@ impl ServerState {
             dns_names,
             ttl: ttl.as_time(),
         };
-        Ok(self.authorities.x509.sign_svid(csr, &params, self.now())?)
+        let authorities = self.authorities.snapshot();
+        let (id, ca) = authorities
+            .active_x509()
+            .ok_or_else(|| ServiceError::Internal("no active X.509 authority".into()))?;
+        Ok((ca.sign_svid(csr, &params, self.now())?, id.to_owned()))
     }
 
     /// Mints a JWT-SVID for `spiffe_id` and `audience` (non-empty), valid for
-    /// `ttl` (default `default_jwt_svid_ttl`). Returns the token, its `exp`
+    /// `ttl` (default `default_jwt_svid_ttl`, clamped to the active JWT key's
+    /// NotAfter), signed by the active JWT key. Returns the token, its `exp`
     /// (Unix seconds) and its `jti` (a random UUID, for audit and
     /// revocation). `iss` is set when `jwt_issuer` is configured.
     pub fn mint_jwt_svid(
@@ -75,8 +93,20 @@ impl ServerState {
             ));
         }
         let ttl = ttl.unwrap_or(self.config.default_jwt_svid_ttl);
+        let authorities = self.authorities.snapshot();
+        let (key, key_not_after) = authorities
+            .active_jwt()
+            .ok_or_else(|| ServiceError::Internal("no active JWT signing key".into()))?;
         let now = self.now().unix_timestamp();
-        let exp = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        if now >= key_not_after.unix_timestamp() {
+            return Err(ServiceError::Internal(format!(
+                "the active JWT signing key {} has expired",
+                key.key_id()
+            )));
+        }
+        let exp = now
+            .saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+            .min(key_not_after.unix_timestamp());
         let jti = uuid::Uuid::new_v4().to_string();
         let claims = JwtClaims {
             sub: spiffe_id.to_string(),
@@ -86,9 +116,7 @@ impl ServerState {
             jti: jti.clone(),
             iss: self.config.jwt_issuer.clone(),
         };
-        let token = self
-            .authorities
-            .jwt
+        let token = key
             .mint(&claims)
             .map_err(|e| ServiceError::Internal(format!("minting a JWT-SVID: {e}")))?;
         Ok((token, exp, jti))
@@ -104,7 +132,7 @@ pub(crate) mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::ca::Authorities;
+    use crate::authority::AuthorityManager;
     use crate::config::ServerConfig;
     use crate::store::sled_store::SledStore;
 
@@ -116,7 +144,7 @@ pub(crate) mod tests {
         config.jwt_issuer = Some("https://issuer.example.org".into());
         let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
         let clock = ManualClock::new(now);
-        let authorities = Authorities::load_or_create(&config, now).unwrap();
+        let authorities = AuthorityManager::load_or_create(&config, now).unwrap();
         let store = SledStore::open(&dir.path().join("store")).unwrap();
         let state = ServerState::new(
             config,
