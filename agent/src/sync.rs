@@ -268,10 +268,17 @@ pub fn tainted_svids(snap: &Snapshot, bundle: &TrustBundle) -> Vec<EntryId> {
         .collect()
 }
 
-/// When the agent SVID is due for renewal.
-pub fn agent_renew_at(svid: &AgentSvid) -> OffsetDateTime {
+/// When the agent SVID is due for renewal. Like workload SVIDs, its
+/// lifetime counts from when the agent first held it (`held_since`) if that
+/// is later than its NotBefore, which the server backdates for clock skew:
+/// otherwise a short-lived SVID would look half used when it arrives and be
+/// renewed in a loop.
+pub fn agent_renew_at(svid: &AgentSvid, held_since: Option<OffsetDateTime>) -> OffsetDateTime {
     let jitter = svid.chain_der.first().map_or(0.0, |d| jitter_for(d));
-    renew_at(svid.not_before, svid.expires_at, jitter)
+    let from = held_since
+        .map_or(svid.not_before, |t| svid.not_before.max(t))
+        .min(svid.expires_at);
+    renew_at(from, svid.expires_at, jitter)
 }
 
 /// The entries that need an X.509-SVID signed now: every live entry with no
@@ -474,6 +481,8 @@ pub struct Syncer {
     renew_retry_at: Option<OffsetDateTime>,
     /// The agent SVID was signed by a tainted authority: renew it now.
     force_agent_renew: bool,
+    // (serial, when this task first saw it) for the current agent SVID.
+    agent_held_since: Option<(String, OffsetDateTime)>,
     /// The tainted list the agent SVID was last renewed for, so that a
     /// server still signing with a tainted authority cannot make the agent
     /// renew in a loop.
@@ -512,6 +521,7 @@ impl Syncer {
             sign_retry_at: None,
             renew_retry_at: None,
             force_agent_renew: false,
+            agent_held_since: None,
             agent_taint_handled: Vec::new(),
         }
     }
@@ -695,11 +705,18 @@ impl Syncer {
         }
     }
 
+    fn held_since(&self, svid: &AgentSvid) -> Option<OffsetDateTime> {
+        self.agent_held_since
+            .as_ref()
+            .filter(|(serial, _)| *serial == svid.serial_hex)
+            .map(|(_, at)| *at)
+    }
+
     fn next_maintenance(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
         let agent = self
             .client
             .identity()
-            .map(|s| [agent_renew_at(&s), s.expires_at]);
+            .map(|s| [agent_renew_at(&s, self.held_since(&s)), s.expires_at]);
         let extra = agent
             .into_iter()
             .flatten()
@@ -719,7 +736,14 @@ impl Syncer {
                 expired_at: svid.expires_at,
             });
         }
-        let due = self.force_agent_renew || now >= agent_renew_at(&svid);
+        let held_since = match self.held_since(&svid) {
+            Some(t) => t,
+            None => {
+                self.agent_held_since = Some((svid.serial_hex.clone(), now));
+                now
+            }
+        };
+        let due = self.force_agent_renew || now >= agent_renew_at(&svid, Some(held_since));
         if !due || self.renew_retry_at.is_some_and(|t| now < t) {
             return Ok(None);
         }
@@ -1323,6 +1347,46 @@ mod tests {
             .map(|i| renewal_deadline(nb, na, &i.to_be_bytes()))
             .collect();
         assert!(spread.len() > 10, "{}", spread.len());
+    }
+
+    #[test]
+    fn a_short_lived_agent_svid_is_renewed_at_half_of_the_time_it_was_held() {
+        // The agent SVID is backdated like any other: with a 6 s TTL its
+        // NotBefore-based half-life point lies before it was issued.
+        let ca = ca();
+        let k = new_key_and_csr().unwrap();
+        let id = mayfly::SpiffeId::new("spiffe://example.org/mayfly/agent/join_token/x").unwrap();
+        let signed = ca
+            .sign_svid(
+                &VerifiedCsr::from_der(&k.csr_der).unwrap(),
+                &SvidParams {
+                    spiffe_id: &id,
+                    dns_names: &[],
+                    ttl: Duration::seconds(6),
+                },
+                t0(),
+            )
+            .unwrap();
+        let svid = AgentSvid {
+            spiffe_id: id,
+            chain_der: vec![signed.der.clone()],
+            key_pkcs8: k.key_pkcs8,
+            not_before: t0() - Duration::seconds(10),
+            expires_at: signed.not_after,
+            serial_hex: signed.serial_hex(),
+        };
+        assert!(
+            agent_renew_at(&svid, None) <= t0(),
+            "the old rule renews at once"
+        );
+        let at = agent_renew_at(&svid, Some(t0()));
+        assert!(
+            at >= t0() + Duration::milliseconds(2400) && at <= t0() + Duration::milliseconds(3600),
+            "{at}"
+        );
+        // Held since before NotBefore (clock skew): NotBefore wins.
+        let early = agent_renew_at(&svid, Some(t0() - Duration::seconds(60)));
+        assert!(early < at);
     }
 
     #[test]

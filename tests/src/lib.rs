@@ -91,6 +91,25 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Starts `cmd` with stdout and stderr going to `log`; killed on drop.
+    pub fn spawn_logged(cmd: Command, log: PathBuf) -> Result<Self> {
+        Self::spawn(cmd, log)
+    }
+
+    /// Sends SIGTERM (the process may clean up and exit by itself).
+    pub fn terminate(&self) {
+        if self.child.is_some() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for("the process to exit", timeout, || self.try_wait()).ok()
+    }
+
     /// Sends SIGKILL and reaps.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -132,17 +151,37 @@ impl Server {
         Ok(s)
     }
 
+    /// Starts a server in a new temporary directory with `extra_toml`
+    /// appended to its `[server]` table (for example
+    /// `default_x509_svid_ttl = "4s"`).
+    pub fn start_with(extra_toml: &str) -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-e2e-server")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let mut s = Self::start_in_with(&dir, free_port(), extra_toml)?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
     /// Starts (or restarts) a server whose files live in `dir`.
     pub fn start_in(dir: &Path, port: u16) -> Result<Self> {
+        Self::start_in_with(dir, port, "")
+    }
+
+    /// Starts (or restarts) a server whose files live in `dir`, with
+    /// `extra_toml` appended to its `[server]` table.
+    pub fn start_in_with(dir: &Path, port: u16, extra_toml: &str) -> Result<Self> {
         let admin_socket = dir.join("admin.sock");
         let address = format!("127.0.0.1:{port}");
         let config = dir.join("server.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"{address}\"\nadmin_socket_path = \"{}\"\nlog_level = \"debug\"\n",
+                "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"{address}\"\nadmin_socket_path = \"{}\"\nlog_level = \"debug\"\n{}",
                 dir.join("data").display(),
-                admin_socket.display()
+                admin_socket.display(),
+                extra_lines(extra_toml),
             ),
         )?;
         let mut cmd = Command::new(bin("mayfly-server"));
@@ -240,6 +279,14 @@ impl Server {
         Ok(id.to_owned())
     }
 
+    /// The node API port (to restart on the same address).
+    pub fn port(&self) -> u16 {
+        self.address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("port in address")
+    }
+
     /// The PEM bundle file the server writes at start.
     pub fn bundle_pem(&self) -> PathBuf {
         self.dir.join("data").join("bundle.pem")
@@ -275,11 +322,34 @@ impl Agent {
         Ok(a)
     }
 
+    /// Enrols a new agent with a fresh join token and `extra_toml` appended
+    /// to its `[agent]` table, and waits until it serves.
+    pub fn start_with(server: &Server, extra_toml: &str) -> Result<Self> {
+        let (token, spiffe_id) = server.join_token()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-e2e-agent")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let mut a = Self::start_in_with(server, &dir, Some(&token), &spiffe_id, extra_toml)?;
+        a._tmp = Some(tmp);
+        Ok(a)
+    }
+
     /// Writes the agent config into `dir` and starts the process; does not wait.
     pub fn spawn_in(
         server: &Server,
         dir: &Path,
         token: Option<&str>,
+    ) -> Result<(Proc, PathBuf, String)> {
+        Self::spawn_in_with(server, dir, token, "")
+    }
+
+    /// [`Agent::spawn_in`] with `extra_toml` appended to the `[agent]` table.
+    pub fn spawn_in_with(
+        server: &Server,
+        dir: &Path,
+        token: Option<&str>,
+        extra_toml: &str,
     ) -> Result<(Proc, PathBuf, String)> {
         let socket = dir.join("api.sock");
         let health = format!("127.0.0.1:{}", free_port());
@@ -287,11 +357,12 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"debug\"\n",
+                "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"debug\"\n{}",
                 server.address,
                 dir.join("data").display(),
                 socket.display(),
-                server.bundle_pem().display()
+                server.bundle_pem().display(),
+                extra_lines(extra_toml),
             ),
         )?;
         let mut cmd = Command::new(bin("mayfly-agent"));
@@ -310,7 +381,18 @@ impl Agent {
         token: Option<&str>,
         spiffe_id: &str,
     ) -> Result<Self> {
-        let (mut proc, socket, health) = Self::spawn_in(server, dir, token)?;
+        Self::start_in_with(server, dir, token, spiffe_id, "")
+    }
+
+    /// [`Agent::start_in`] with `extra_toml` appended to the `[agent]` table.
+    pub fn start_in_with(
+        server: &Server,
+        dir: &Path,
+        token: Option<&str>,
+        spiffe_id: &str,
+        extra_toml: &str,
+    ) -> Result<Self> {
+        let (mut proc, socket, health) = Self::spawn_in_with(server, dir, token, extra_toml)?;
         let h = health.clone();
         wait_for("the agent to be ready", Duration::from_secs(30), || {
             if let Some(status) = proc.try_wait() {
@@ -349,6 +431,32 @@ impl Agent {
             .output()
             .expect("run mayfly-agent cli")
     }
+}
+
+/// `extra_toml` as whole lines (ending in a newline when not empty).
+fn extra_lines(extra_toml: &str) -> String {
+    let t = extra_toml.trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("{t}\n")
+    }
+}
+
+/// Runs `mayfly-agent healthcheck --health-address <addr>`; (exit ok, stdout + stderr).
+pub fn agent_healthcheck(health: &str) -> (bool, String) {
+    let out = Command::new(bin("mayfly-agent"))
+        .args(["healthcheck", "--health-address", health])
+        .output()
+        .expect("run mayfly-agent healthcheck");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// The uid of this test process, for `unix:uid:` selectors.
