@@ -2,7 +2,11 @@
 //! needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/workload.proto", "proto/mayfly/node/v1/node.proto"];
+    let files = [
+        "proto/workload.proto",
+        "proto/mayfly/node/v1/node.proto",
+        "proto/mayfly/task/v1/task.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

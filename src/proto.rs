@@ -10,3 +10,8 @@ pub mod workload {
 pub mod node {
     tonic::include_proto!("mayfly.node.v1");
 }
+
+/// The agent's task service, `mayfly.task.v1`.
+pub mod task {
+    tonic::include_proto!("mayfly.task.v1");
+}

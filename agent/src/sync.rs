@@ -1133,6 +1133,7 @@ mod tests {
             upserted: vec![b.to_proto(), c.to_proto()],
             removed_entry_ids: vec![],
             bundle: Some(bundle_proto(&ca, "example.org")),
+            ..Default::default()
         };
         let applied = apply_sync_response(&mut snap, &resp, &td());
         assert!(snap.ready);
@@ -1176,6 +1177,7 @@ mod tests {
             upserted: vec![b2.to_proto(), c.to_proto()],
             removed_entry_ids: vec!["a".into()],
             bundle: None,
+            ..Default::default()
         };
         let applied = apply_sync_response(&mut snap, &resp, &td());
         assert_eq!(
@@ -1232,6 +1234,7 @@ mod tests {
                 upserted: vec![good.to_proto(), bad],
                 removed_entry_ids: vec![],
                 bundle: Some(bundle_proto(&ca, "other.org")),
+                ..Default::default()
             },
             &td(),
         );

@@ -149,6 +149,7 @@ async fn attests_syncs_signs_and_follows_deltas() {
             upserted: vec![entry("c", "c")],
             removed_entry_ids: vec!["a".into()],
             bundle: None,
+            ..Default::default()
         })
         .unwrap();
     let snap = wait_for_cache(&h.cache, |s| s.revision == 2 && s.svids.len() == 2).await;

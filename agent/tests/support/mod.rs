@@ -283,6 +283,7 @@ impl Node for MockNode {
             upserted: self.0.entries.lock().unwrap().clone(),
             removed_entry_ids: vec![],
             bundle: Some(self.0.bundle().to_proto()),
+            ..Default::default()
         };
         let mut updates = self.0.updates.subscribe();
         let mut down = self.0.down.subscribe();
@@ -326,6 +327,7 @@ impl Node for MockNode {
                 entry_id: e.id.clone(),
                 svid_chain: vec![der],
                 expires_at: 0,
+                task_id: item.task_id.clone(),
             });
         }
         Ok(Response::new(pb::SignX509Response { results }))
@@ -357,6 +359,24 @@ impl Node for MockNode {
         Ok(Response::new(pb::MintJwtResponse {
             token: format!("jwt-for-{}", r.entry_id),
             expires_at: 1234,
+            jti: format!("jti-{}", r.entry_id),
+        }))
+    }
+
+    async fn report_task_end(
+        &self,
+        request: Request<pb::ReportTaskEndRequest>,
+    ) -> Result<Response<pb::ReportTaskEndResponse>, Status> {
+        self.0.record("ReportTaskEnd", &request);
+        self.0.check_up()?;
+        let revoked = request
+            .get_ref()
+            .tasks
+            .iter()
+            .map(|t| t.x509_serials.len() + t.jwt_ids.len())
+            .sum::<usize>();
+        Ok(Response::new(pb::ReportTaskEndResponse {
+            revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
         }))
     }
 }

@@ -25,7 +25,8 @@ use futures::Stream;
 use mayfly::proto::node::node_server::{Node, NodeServer};
 use mayfly::proto::node::{
     AttestRequest, AttestResponse, MintJwtRequest, MintJwtResponse, RenewRequest, RenewResponse,
-    SignX509Request, SignX509Response, SyncRequest, SyncResponse, attest_response,
+    ReportTaskEndRequest, ReportTaskEndResponse, SignX509Request, SignX509Response, SyncRequest,
+    SyncResponse, attest_response,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -221,6 +222,14 @@ impl Node for NodeService {
         }
         .instrument(span)
         .await
+    }
+
+    async fn report_task_end(
+        &self,
+        _request: Request<ReportTaskEndRequest>,
+    ) -> Result<Response<ReportTaskEndResponse>, Status> {
+        // Replaced by the revocation work of issue 4.
+        Err(Status::unimplemented("ReportTaskEnd is not available yet"))
     }
 
     async fn mint_jwt(

@@ -49,6 +49,7 @@ pub fn sign_x509(
             entry_id: item.entry_id.clone(),
             svid_chain: vec![signed.der],
             expires_at: signed.not_after.unix_timestamp(),
+            task_id: item.task_id.clone(),
         });
     }
     Ok(SignX509Response { results })
@@ -65,5 +66,9 @@ pub fn mint_jwt(
     let (token, expires_at, jti) =
         state.mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
     tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
-    Ok(MintJwtResponse { token, expires_at })
+    Ok(MintJwtResponse {
+        token,
+        expires_at,
+        jti,
+    })
 }

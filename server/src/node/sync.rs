@@ -72,6 +72,8 @@ fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<
         upserted: v.entries.values().map(|e| e.to_proto()).collect(),
         removed_entry_ids: Vec::new(),
         bundle: Some(bundle.to_proto()),
+        revocations: Vec::new(),
+        crls: Vec::new(),
     };
     sent.entries = v
         .entries
@@ -118,6 +120,8 @@ fn delta(
         upserted,
         removed_entry_ids: removed,
         bundle: bundle_changed.then(|| bundle.to_proto()),
+        revocations: Vec::new(),
+        crls: Vec::new(),
     };
     sent.bundle = Some(bundle);
     (Some(msg), v.next_expiry)
