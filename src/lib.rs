@@ -13,6 +13,7 @@ pub mod id;
 pub mod jwt;
 pub mod matching;
 pub mod proto;
+pub mod revocation;
 pub mod selector;
 pub mod ttl;
 pub mod x509;

@@ -63,6 +63,10 @@ pub struct RawServer {
     pub bind_address: Option<String>,
     /// Admin API Unix socket; default `<data_dir>/admin.sock`.
     pub admin_socket_path: Option<PathBuf>,
+    /// Public HTTP listener (CRLs, bundle, health); default `127.0.0.1:8082`.
+    pub http_address: Option<String>,
+    /// How long a CRL is valid (`nextUpdate - thisUpdate`); default `1h`.
+    pub crl_ttl: Option<String>,
     /// CA lifetime; default `24h`.
     pub ca_ttl: Option<String>,
     /// JWT signing key lifetime; default `ca_ttl`.
@@ -105,6 +109,11 @@ pub struct ServerConfig {
     pub bind_address: SocketAddr,
     /// Admin API socket.
     pub admin_socket_path: PathBuf,
+    /// Public HTTP listener: `GET /crl/{authority_id}`, `/bundle`,
+    /// `/healthz`, `/readyz`. Plain HTTP.
+    pub http_address: SocketAddr,
+    /// CRL validity; CRLs are re-signed at half of it at the latest.
+    pub crl_ttl: Ttl,
     /// CA lifetime.
     pub ca_ttl: Ttl,
     /// JWT signing key lifetime (rotated on the same schedule as the CA).
@@ -186,6 +195,17 @@ impl ServerConfig {
         let admin_socket_path = s
             .admin_socket_path
             .unwrap_or_else(|| data_dir.join("admin.sock"));
+        let http_address = s
+            .http_address
+            .as_deref()
+            .unwrap_or("127.0.0.1:8082")
+            .parse()
+            .map_err(|e| {
+                invalid(
+                    "server.http_address",
+                    format!("{e} (write it like 127.0.0.1:8082)"),
+                )
+            })?;
         let log_format = match s.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -206,6 +226,8 @@ impl ServerConfig {
             data_dir,
             bind_address,
             admin_socket_path,
+            http_address,
+            crl_ttl: ttl("server.crl_ttl", s.crl_ttl, "1h")?,
             ca_ttl,
             jwt_key_ttl,
             default_x509_svid_ttl: ttl(
@@ -225,6 +247,12 @@ impl ServerConfig {
             return Err(invalid(
                 "server.default_x509_svid_ttl",
                 "must be shorter than server.ca_ttl".into(),
+            ));
+        }
+        if cfg.crl_ttl.as_secs() < 60 {
+            return Err(invalid(
+                "server.crl_ttl",
+                "must be at least 1m (CRLs are re-signed at half of it)".into(),
             ));
         }
         Ok(cfg)

@@ -8,6 +8,8 @@ pub mod config;
 pub mod error;
 pub mod logging;
 pub mod node;
+pub mod public;
+pub mod revocation;
 pub mod run;
 pub mod service;
 pub mod state;

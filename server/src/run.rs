@@ -1,5 +1,6 @@
 //! Starting and stopping a whole server: data directory, store, CA, state,
-//! the node API (gRPC over TLS) and the admin API (Unix socket).
+//! the node API (gRPC over TLS), the admin API (Unix socket) and the public
+//! HTTP listener (CRLs, bundle, health).
 //!
 //! Used by `mayfly-server run` and by programs that embed a server (the
 //! quickstart example, tests): nothing here exits the process; every
@@ -27,6 +28,8 @@ use crate::store::sled_store::SledStore;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired join tokens are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often records of expired credentials are pruned and CRLs checked.
+const PRUNE_REVOCATIONS_EVERY: Duration = Duration::from_secs(60);
 
 /// A started server. Dropping it does not stop the server: call
 /// [`RunningServer::shutdown`] (or let the shutdown future passed to
@@ -34,6 +37,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct RunningServer {
     node_addr: SocketAddr,
+    http_addr: SocketAddr,
     state: Arc<ServerState>,
     bundle_path: PathBuf,
     stop: Arc<watch::Sender<bool>>,
@@ -44,6 +48,12 @@ impl RunningServer {
     /// The address the node API listens on (useful with port 0).
     pub fn node_addr(&self) -> SocketAddr {
         self.node_addr
+    }
+
+    /// The address the public HTTP listener (CRLs, bundle, health) is
+    /// bound to (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The server's shared state.
@@ -127,8 +137,19 @@ pub async fn start(
     let node_addr = listener
         .local_addr()
         .context("reading the node API address")?;
+    let http_listener = crate::public::bind(config.http_address).await?;
+    let http_addr = http_listener
+        .local_addr()
+        .context("reading the public HTTP address")?;
     let node_task = crate::node::start(Arc::clone(&state), listener, stop_rx.clone())?;
     tracing::info!(addr = %node_addr, "node API listening on {node_addr}");
+
+    let http_task = {
+        let state = Arc::clone(&state);
+        let signal = until_stopped(stop_rx.clone());
+        tokio::spawn(async move { crate::public::serve(state, http_listener, signal).await })
+    };
+    tracing::info!(addr = %http_addr, "public HTTP listening on {http_addr} (CRLs, bundle)");
 
     // The admin API.
     let admin_task = {
@@ -139,6 +160,7 @@ pub async fn start(
     };
 
     tokio::spawn(prune_join_tokens(Arc::clone(&state), stop_rx.clone()));
+    tokio::spawn(prune_revocations(Arc::clone(&state), stop_rx.clone()));
     tokio::spawn(crate::authority::rotate::run(
         Arc::clone(&state),
         stop_rx.clone(),
@@ -150,9 +172,11 @@ pub async fn start(
         stop_rx,
         node_task,
         admin_task,
+        http_task,
     ));
     Ok(RunningServer {
         node_addr,
+        http_addr,
         state,
         bundle_path,
         stop,
@@ -204,14 +228,17 @@ async fn supervise(
     mut stop_rx: watch::Receiver<bool>,
     mut node_task: JoinHandle<Result<(), crate::node::NodeApiError>>,
     mut admin_task: ApiTask,
+    mut http_task: ApiTask,
 ) -> anyhow::Result<()> {
     let mut node_done = None;
     let mut admin_done = None;
+    let mut http_done = None;
     tokio::select! {
         () = shutdown => tracing::info!("shutdown requested"),
         _ = stop_rx.wait_for(|s| *s) => tracing::info!("shutdown requested"),
         r = &mut node_task => node_done = Some(outcome("node API", r).and_then(|()| Err(anyhow::anyhow!("node API stopped unexpectedly")))),
         r = &mut admin_task => admin_done = Some(outcome("admin API", r).and_then(|()| Err(anyhow::anyhow!("admin API stopped unexpectedly")))),
+        r = &mut http_task => http_done = Some(outcome("public HTTP", r).and_then(|()| Err(anyhow::anyhow!("public HTTP listener stopped unexpectedly")))),
     }
     let _ = stop.send(true);
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
@@ -239,9 +266,21 @@ async fn supervise(
             },
         );
     }
+    if http_done.is_none() {
+        http_done = Some(
+            match tokio::time::timeout_at(deadline, &mut http_task).await {
+                Ok(r) => outcome("public HTTP", r),
+                Err(_) => {
+                    http_task.abort();
+                    Ok(())
+                }
+            },
+        );
+    }
     let result = node_done
         .unwrap_or(Ok(()))
-        .and(admin_done.unwrap_or(Ok(())));
+        .and(admin_done.unwrap_or(Ok(())))
+        .and(http_done.unwrap_or(Ok(())));
     match &result {
         Ok(()) => tracing::info!("server stopped"),
         Err(e) => tracing::error!(error = format!("{e:#}"), "server stopped after a failure"),
@@ -261,6 +300,49 @@ async fn prune_join_tokens(state: Arc<ServerState>, mut stop: watch::Receiver<bo
             Ok(Ok(n)) => tracing::info!(count = n, "deleted expired join tokens"),
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete expired join tokens"),
             Err(e) => tracing::warn!(error = %e, "join token pruning task failed"),
+        }
+    }
+}
+
+/// Prunes records of expired credentials and keeps the CRLs fresh: every
+/// minute (or quarter of `crl_ttl`), and as soon as a revoked credential
+/// expires, so that it leaves the CRLs on time.
+async fn prune_revocations(state: Arc<ServerState>, mut stop: watch::Receiver<bool>) {
+    let every = PRUNE_REVOCATIONS_EVERY
+        .min(Duration::from_secs(state.config.crl_ttl.as_secs() / 4).max(Duration::from_secs(1)));
+    let mut events = state.subscribe();
+    let mut periodic = tokio::time::Instant::now() + every;
+    loop {
+        let deadline = match state.next_revocation_expiry() {
+            Some(at) => {
+                // A little after the expiry, so that it has surely passed.
+                let left = Duration::try_from(at - state.now()).unwrap_or(Duration::ZERO)
+                    + Duration::from_millis(200);
+                periodic.min(tokio::time::Instant::now() + left)
+            }
+            None => periodic,
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep_until(deadline) => {}
+            // A new revocation may expire sooner: recompute the deadline.
+            ev = events.recv() => match ev {
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                _ => continue,
+            },
+        }
+        if tokio::time::Instant::now() >= periodic {
+            periodic = tokio::time::Instant::now() + every;
+        }
+        let s = Arc::clone(&state);
+        match tokio::task::spawn_blocking(move || s.prune_revocations()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot prune revocations or re-sign the CRLs");
+                // Do not spin on a failing store.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "revocation pruning task failed"),
         }
     }
 }
@@ -294,6 +376,7 @@ mod tests {
         let mut config = ServerConfig::development();
         config.data_dir = dir.path().join("data");
         config.bind_address = "127.0.0.1:0".parse().unwrap();
+        config.http_address = "127.0.0.1:0".parse().unwrap();
         config.admin_socket_path = dir.path().join("admin.sock");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = run(config, async move {
@@ -332,6 +415,7 @@ mod tests {
         let mut config = ServerConfig::development();
         config.data_dir = dir.path().to_owned();
         config.bind_address = taken.local_addr().unwrap();
+        config.http_address = "127.0.0.1:0".parse().unwrap();
         config.admin_socket_path = dir.path().join("admin.sock");
         let err = run(config, std::future::pending()).await.unwrap_err();
         assert!(format!("{err:#}").contains("cannot listen on"), "{err:#}");

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
+use crate::revocation::Revocations;
 use crate::store::{NodeRecord, Store};
 
 /// The store's meta key of the trust bundle (SPIFFE JSON).
@@ -61,6 +62,12 @@ pub enum ChangeEvent {
     },
     /// The trust bundle changed.
     Bundle,
+    /// Credentials were revoked (`added`, possibly none) and/or the CRLs
+    /// were re-signed.
+    Revocations {
+        /// The new revocations.
+        added: Vec<mayfly::revocation::Revocation>,
+    },
 }
 
 /// Everything the server's APIs share.
@@ -87,6 +94,8 @@ pub struct ServerState {
     // Serialises bundle publication, so that the store and bundle.pem
     // always end with the latest bundle.
     publish: Mutex<()>,
+    /// Revoked credentials and the current CRLs.
+    pub(crate) revocations: Revocations,
 }
 
 impl ServerState {
@@ -107,7 +116,8 @@ impl ServerState {
         authorities.set_sequence(bundle_sequence);
         let server_id = mayfly::id::server_id(&config.trust_domain);
         let (events, _) = broadcast::channel(4096);
-        Ok(Self {
+        let revocations = Revocations::load(store.as_ref(), clock.now())?;
+        let state = Self {
             config,
             server_id,
             clock,
@@ -119,7 +129,11 @@ impl ServerState {
             events,
             revision: AtomicU64::new(revision),
             publish: Mutex::new(()),
-        })
+            revocations,
+        };
+        // Drops what expired while stopped and signs the first CRLs.
+        state.prune_revocations()?;
+        Ok(state)
     }
 
     /// Keeps the trust bundle in the store: the same authorities keep their
@@ -204,6 +218,11 @@ impl ServerState {
         // must not miss a prepared authority.
         let stored = self.store.put_meta(BUNDLE_KEY, json.as_bytes());
         let pem = write_bundle_pem(&bundle, &self.bundle_pem_path());
+        // Every X.509 authority in the bundle has a CRL before agents hear
+        // of the bundle; the bundle's Sync delta carries the new CRLs.
+        if let Err(e) = self.resign_crls() {
+            tracing::error!(error = %e, "cannot sign the CRLs after an authority change");
+        }
         let _ = self.events.send(ChangeEvent::Bundle);
         tracing::info!(
             sequence = bundle.sequence,
@@ -343,6 +362,11 @@ impl ServerState {
     pub fn remove_node(&self, spiffe_id: &str) -> ServiceResult<Option<NodeRecord>> {
         let _w = self.node_writes.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.store.delete_node(spiffe_id)?)
+    }
+
+    /// Tells subscribers of a change.
+    pub(crate) fn send_event(&self, event: ChangeEvent) {
+        let _ = self.events.send(event);
     }
 
     /// Tells subscribers that a node changed (ban, evict, re-attestation).

@@ -37,7 +37,7 @@ fn write_config(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(
         &config,
         format!(
-            "[server]\ntrust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket_path = \"{}\"\n",
+            "[server]\ntrust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:0\"\nhttp_address = \"127.0.0.1:0\"\nadmin_socket_path = \"{}\"\n",
             dir.join("data").display(),
             socket.display()
         ),
@@ -453,4 +453,82 @@ fn authority_rotation_through_the_cli() {
         log.contains(&first) && log.contains("authority revoked"),
         "{log}"
     );
+}
+
+#[test]
+fn revocations_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_server, socket) = start(tmp.path());
+    let mint = |id: &str| json(&socket, &["x509", "mint", "--spiffe-id", id]);
+    let first = mint("spiffe://example.org/ops");
+    let serial = first["serial"].as_str().unwrap().to_owned();
+    let jwt = json(
+        &socket,
+        &[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/ops",
+            "--audience",
+            "db",
+        ],
+    );
+    let jti = jwt["jti"].as_str().unwrap().to_owned();
+    let other = mint("spiffe://example.org/batch");
+
+    let listed = json(&socket, &["revocation", "list"]);
+    assert_eq!(listed["revocations"].as_array().unwrap().len(), 0);
+
+    let added = json(
+        &socket,
+        &[
+            "revocation",
+            "add",
+            "--serial",
+            &serial.to_uppercase(),
+            "--reason",
+            "key leaked",
+        ],
+    );
+    let revoked = added["revoked"].as_array().unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["serial"], serial.as_str());
+    assert_eq!(revoked[0]["reason"], "operator");
+    assert!(revoked[0]["authority_id"].as_str().is_some());
+    // Again: nothing new.
+    let again = json(&socket, &["revocation", "add", "--serial", &serial]);
+    assert_eq!(again["revoked"].as_array().unwrap().len(), 0);
+
+    let added = json(&socket, &["revocation", "add", "--jti", &jti]);
+    assert_eq!(added["revoked"][0]["jti"], jti.as_str());
+    let added = json(
+        &socket,
+        &[
+            "revocation",
+            "add",
+            "--spiffe-id",
+            "spiffe://example.org/batch",
+        ],
+    );
+    assert_eq!(added["revoked"][0]["serial"], other["serial"]);
+
+    let listed = json(&socket, &["revocation", "list"]);
+    assert_eq!(listed["revocations"].as_array().unwrap().len(), 3);
+    let out = cli(&socket, &["revocation", "list"]);
+    assert!(out.status.success());
+    let t = text(&out.stdout);
+    assert!(
+        t.contains(&serial) && t.contains(&jti) && t.contains("3 revocations"),
+        "{t}"
+    );
+
+    let err = failure(&cli(&socket, &["revocation", "add", "--serial", "0abc"]));
+    assert!(err.contains("no unexpired credential"), "{err}");
+    let out = cli(&socket, &["revocation", "add"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cli(
+        &socket,
+        &["revocation", "add", "--serial", "01", "--jti", "x"],
+    );
+    assert_eq!(out.status.code(), Some(2));
 }

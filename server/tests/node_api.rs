@@ -10,8 +10,9 @@ use hyper_util::rt::TokioIo;
 use mayfly::entry::{EntryId, EntrySpec};
 use mayfly::proto::node::node_client::NodeClient;
 use mayfly::proto::node::{
-    AttestParams, AttestRequest, MintJwtRequest, RenewRequest, SignX509Request, SyncRequest,
-    SyncResponse, X509SignItem, attest_request, attest_response,
+    AttestParams, AttestRequest, MintJwtRequest, RenewRequest, ReportTaskEndRequest,
+    SignX509Request, SyncRequest, SyncResponse, TaskEnd, X509SignItem, attest_request,
+    attest_response,
 };
 use mayfly::x509::{KeyAndCsr, SvidInfo, new_key_and_csr};
 use mayfly_server::authority::Kind;
@@ -134,6 +135,7 @@ impl TestServer {
         let mut config = ServerConfig::development();
         config.data_dir = dir.path().join("data");
         config.bind_address = "127.0.0.1:0".parse().unwrap();
+        config.http_address = "127.0.0.1:0".parse().unwrap();
         config.admin_socket_path = dir.path().join("admin.sock");
         let server = run(config, std::future::pending()).await.unwrap();
         Self { server, _dir: dir }
@@ -857,4 +859,169 @@ async fn an_agent_keeps_working_across_an_authority_rotation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     t.server.shutdown();
+}
+
+/// A plain HTTP/1.0 GET on the public listener: (status line, headers, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: mayfly\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+    (
+        status.to_owned(),
+        headers.to_ascii_lowercase(),
+        raw[split + 4..].to_vec(),
+    )
+}
+
+/// The next Sync message that carries revocations.
+async fn next_revocations(stream: &mut Streaming<SyncResponse>) -> SyncResponse {
+    loop {
+        let msg = next(stream).await.unwrap().unwrap();
+        if !msg.revocations.is_empty() {
+            return msg;
+        }
+    }
+}
+
+/// Task-scoped revocation end to end: an agent signs SVIDs for two tasks,
+/// reports one ended; its serial reaches every agent's Sync and the CRL
+/// served over HTTP, the other task's does not, and no agent can revoke
+/// another's credentials.
+#[tokio::test]
+async fn task_end_revokes_through_sync_and_the_crl() {
+    let t = TestServer::start().await;
+    let (mut anon, _) = t.client(None).await;
+    let agent_a = attest(&mut anon, &t.create_token(None).await)
+        .await
+        .unwrap();
+    let agent_b = attest(&mut anon, &t.create_token(None).await)
+        .await
+        .unwrap();
+    let entry = t
+        .add_entry("spiffe://example.org/web", &agent_a.spiffe_id)
+        .await;
+    let (mut a, _) = t.client(Some(&agent_a)).await;
+    let (mut b, _) = t.client(Some(&agent_b)).await;
+
+    let mut sync_a = a.sync(SyncRequest {}).await.unwrap().into_inner();
+    let mut sync_b = b.sync(SyncRequest {}).await.unwrap().into_inner();
+    let full_a = next(&mut sync_a).await.unwrap().unwrap();
+    assert!(full_a.full && full_a.revocations.is_empty());
+    assert_eq!(
+        full_a.crls.len(),
+        1,
+        "one CRL per X.509 authority, even empty"
+    );
+    next(&mut sync_b).await.unwrap().unwrap();
+
+    let item = |task: &str| X509SignItem {
+        entry_id: entry.clone(),
+        csr: new_key_and_csr().unwrap().csr_der,
+        task_id: task.into(),
+    };
+    let resp = a
+        .sign_x509(SignX509Request {
+            items: vec![item("t1"), item("t2")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results[0].task_id, "t1");
+    assert_eq!(resp.results[1].task_id, "t2");
+    let serial = |der: &[u8]| {
+        let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+        hex::encode(c.raw_serial())
+    };
+    let s1 = serial(&resp.results[0].svid_chain[0]);
+    let s2 = serial(&resp.results[1].svid_chain[0]);
+
+    // Agent B reporting A's serial revokes nothing.
+    let report = |task: &str, serials: Vec<String>| ReportTaskEndRequest {
+        tasks: vec![TaskEnd {
+            task_id: task.into(),
+            x509_serials: serials,
+            jwt_ids: vec![],
+            reason: "task_ended".into(),
+            ended_at: 0,
+        }],
+    };
+    let n = b
+        .report_task_end(report("t1", vec![s1.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.revoked, 0);
+
+    // A reports t1: revoked once, idempotently.
+    let n = a
+        .report_task_end(report("t1", vec![s1.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.revoked, 1);
+    let n = a
+        .report_task_end(report("t1", vec![s1.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.revoked, 0);
+
+    for sync in [&mut sync_a, &mut sync_b] {
+        let delta = next_revocations(sync).await;
+        assert!(!delta.full);
+        let serials: Vec<&str> = delta
+            .revocations
+            .iter()
+            .map(|r| r.serial.as_str())
+            .collect();
+        assert_eq!(serials, [s1.as_str()]);
+        assert_eq!(delta.revocations[0].reason, "task_ended");
+        assert_eq!(delta.crls.len(), 1);
+    }
+
+    // The CRL over HTTP lists t1's serial and not t2's, signed by the CA.
+    let authorities = t.state().authorities.snapshot();
+    let (id, ca) = authorities.active_x509().unwrap();
+    let http = t.server.http_addr();
+    let (status, headers, body) = http_get(http, &format!("/crl/{id}")).await;
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        headers.contains("content-type: application/pkix-crl"),
+        "{headers}"
+    );
+    let (_, crl) = x509_parser::parse_x509_crl(&body).unwrap();
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+    crl.verify_signature(ca_cert.public_key()).unwrap();
+    let listed: Vec<String> = crl
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&s1));
+    assert!(!listed.contains(&s2));
+
+    let (status, _, _) = http_get(http, "/crl/0000").await;
+    assert!(status.contains("404"), "{status}");
+    let (status, headers, body) = http_get(http, "/bundle").await;
+    assert!(status.contains("200") && headers.contains("application/json"));
+    let bundle: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(bundle["keys"].is_array());
+    assert!(http_get(http, "/healthz").await.0.contains("200"));
+    assert!(http_get(http, "/readyz").await.0.contains("200"));
+
+    // A new Sync stream gets the revocation in its full snapshot.
+    let mut again = b.sync(SyncRequest {}).await.unwrap().into_inner();
+    let full = next(&mut again).await.unwrap().unwrap();
+    assert!(full.full);
+    assert_eq!(full.revocations.len(), 1);
+    assert_eq!(full.revocations[0].serial, s1);
 }

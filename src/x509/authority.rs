@@ -182,6 +182,11 @@ impl X509Authority {
         self.not_after
     }
 
+    /// The rcgen issuer (certificate and key), for signing CRLs.
+    pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// Signs an X509-SVID for the CSR's public key. The identity comes only
     /// from `params`. The leaf has exactly one URI SAN, `cA=false`, critical
     /// key usage digitalSignature, EKU serverAuth and clientAuth, a random

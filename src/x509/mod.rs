@@ -2,10 +2,12 @@
 //! SPIFFE X509-SVID standard, and reading SVIDs back.
 
 mod authority;
+mod crl;
 mod csr;
 mod inspect;
 
 pub use authority::{CaParams, SignedCert, SvidParams, X509Authority};
+pub use crl::{CrlEntry, CrlInfo, reason_code, verify_crl};
 pub use csr::{KeyAndCsr, VerifiedCsr, new_key_and_csr};
 pub use inspect::{SvidInfo, chain_from_concatenated_der};
 

@@ -16,6 +16,7 @@ pub mod extract;
 pub mod health;
 pub mod mint;
 pub mod openapi;
+pub mod revocations;
 pub mod tokens;
 
 use std::future::Future;
@@ -73,6 +74,10 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/authorities/{type}/revoke", post(authorities::revoke)),
         ("/v1/x509/mint", post(mint::x509)),
         ("/v1/jwt/mint", post(mint::jwt)),
+        (
+            "/v1/revocations",
+            post(revocations::revoke).get(revocations::list),
+        ),
     ]
 }
 

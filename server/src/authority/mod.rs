@@ -166,6 +166,12 @@ impl Authorities {
             .map(|s| (s.id.as_str(), &s.ca))
     }
 
+    /// Every X.509 authority (prepared, active, old) with its id, oldest
+    /// first.
+    pub fn x509_authorities(&self) -> impl Iterator<Item = (&str, &Arc<X509Authority>)> {
+        self.x509.iter().map(|s| (s.id.as_str(), &s.ca))
+    }
+
     /// The active JWT key and its NotAfter (no JWT-SVID outlives it).
     pub fn active_jwt(&self) -> Option<(&Arc<JwtSigningKey>, OffsetDateTime)> {
         self.jwt

@@ -9,6 +9,7 @@ pub mod entry;
 pub mod healthcheck;
 pub mod mint;
 pub mod output;
+pub mod revocation;
 pub mod token;
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,16 @@ pub enum Command {
         /// The authority command.
         #[command(subcommand)]
         command: authority::AuthorityCommand,
+    },
+    /// List revoked credentials, or revoke by serial, jti or SPIFFE ID.
+    #[command(after_help = EXIT_CODES_SHORT)]
+    Revocation {
+        /// Connection and output.
+        #[command(flatten)]
+        conn: Conn,
+        /// The revocation command.
+        #[command(subcommand)]
+        command: revocation::RevocationCommand,
     },
     /// Show this trust domain's bundle.
     #[command(after_help = EXIT_CODES_SHORT)]
@@ -209,6 +220,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent { conn, command } => client_runtime()?.block_on(agent::run(&conn, command)),
         Command::Authority { conn, command } => {
             client_runtime()?.block_on(authority::run(&conn, command))
+        }
+        Command::Revocation { conn, command } => {
+            client_runtime()?.block_on(revocation::run(&conn, command))
         }
         Command::Bundle { conn, command } => {
             client_runtime()?.block_on(bundle::run(&conn, command))

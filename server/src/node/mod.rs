@@ -4,6 +4,7 @@
 //!
 //! - `auth`: per-call agent authentication and entry authorization
 //! - `attest`, `renew`, `sync`, `sign`: one module per call
+//! - `ReportTaskEnd` is a thin call into `crate::revocation`
 //! - `status`: `ServiceError` → `tonic::Status`
 //!
 //! Connections are accepted here: each TLS handshake runs in its own task
@@ -226,10 +227,22 @@ impl Node for NodeService {
 
     async fn report_task_end(
         &self,
-        _request: Request<ReportTaskEndRequest>,
+        request: Request<ReportTaskEndRequest>,
     ) -> Result<Response<ReportTaskEndResponse>, Status> {
-        // Replaced by the revocation work of issue 4.
-        Err(Status::unimplemented("ReportTaskEnd is not available yet"))
+        let span = tracing::info_span!("node.report_task_end", agent = Empty);
+        async {
+            let agent = self.agent(&request).await?;
+            let req = request.into_inner();
+            let ctx = Arc::clone(&self.ctx);
+            let id = agent.spiffe_id.clone();
+            let revoked = blocking(move || ctx.state.report_task_ends(&id, &req.tasks))
+                .in_current_span()
+                .await
+                .inspect_err(|e| tracing::info!(reason = %e, "refused ReportTaskEnd"))?;
+            Ok(Response::new(ReportTaskEndResponse { revoked }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn mint_jwt(

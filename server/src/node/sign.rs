@@ -5,17 +5,40 @@
 use mayfly::proto::node::{
     MintJwtRequest, MintJwtResponse, SignX509Request, SignX509Response, X509SignResult,
 };
+use mayfly::revocation::CredentialId;
 use mayfly::x509::VerifiedCsr;
+use time::OffsetDateTime;
 
 use super::NodeCtx;
 use super::auth::Agent;
 use crate::error::{ServiceError, ServiceResult};
+use crate::store::IssuedRecord;
+
+fn issued(
+    id: CredentialId,
+    agent: &Agent,
+    entry: &mayfly::entry::Entry,
+    task_id: &str,
+    authority_id: String,
+    expires_at: OffsetDateTime,
+) -> IssuedRecord {
+    IssuedRecord {
+        id,
+        spiffe_id: entry.spiffe_id.to_string(),
+        agent_id: Some(agent.spiffe_id.to_string()),
+        entry_id: Some(entry.id.to_string()),
+        task_id: (!task_id.is_empty()).then(|| task_id.to_owned()),
+        authority_id,
+        expires_at,
+    }
+}
 
 /// The most items one `SignX509` call may carry.
 pub const MAX_SIGN_ITEMS: usize = 256;
 
 /// Signs every item or none: the first refused item fails the call,
-/// naming its entry.
+/// naming its entry. Every SVID is recorded (one durable write for the
+/// batch) before the response, so that it can be revoked.
 pub fn sign_x509(
     ctx: &NodeCtx,
     agent: &Agent,
@@ -32,18 +55,27 @@ pub fn sign_x509(
     }
     let state = &ctx.state;
     let mut results = Vec::with_capacity(req.items.len());
+    let mut records = Vec::with_capacity(req.items.len());
     for item in &req.items {
         let span = tracing::info_span!("item", entry = %item.entry_id, task = %item.task_id);
         let _enter = span.enter();
         let entry = agent.authorize(ctx, &item.entry_id, state.now())?;
         let csr = VerifiedCsr::from_der(&item.csr)
             .map_err(|e| ServiceError::InvalidArgument(format!("entry {}: {e}", item.entry_id)))?;
-        let signed = state.sign_x509_svid(
+        let (signed, authority_id) = state.sign_x509_svid_by(
             &entry.spiffe_id,
             &csr,
             entry.x509_svid_ttl,
             &entry.dns_names,
         )?;
+        records.push(issued(
+            CredentialId::Serial(signed.serial_hex()),
+            agent,
+            &entry,
+            &item.task_id,
+            authority_id,
+            signed.not_after,
+        ));
         tracing::info!(spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex(), not_after = %signed.not_after, "signed X.509-SVID");
         results.push(X509SignResult {
             entry_id: item.entry_id.clone(),
@@ -52,6 +84,7 @@ pub fn sign_x509(
             task_id: item.task_id.clone(),
         });
     }
+    state.record_issued(&records)?;
     Ok(SignX509Response { results })
 }
 
@@ -63,8 +96,18 @@ pub fn mint_jwt(
 ) -> ServiceResult<MintJwtResponse> {
     let state = &ctx.state;
     let entry = agent.authorize(ctx, &req.entry_id, state.now())?;
-    let (token, expires_at, jti) =
-        state.mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
+    let (token, expires_at, jti, key_id) =
+        state.mint_jwt_svid_by(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
+    let exp = OffsetDateTime::from_unix_timestamp(expires_at)
+        .map_err(|e| ServiceError::Internal(format!("token expiry out of range: {e}")))?;
+    state.record_issued(&[issued(
+        CredentialId::Jti(jti.clone()),
+        agent,
+        &entry,
+        &req.task_id,
+        key_id,
+        exp,
+    )])?;
     tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
     Ok(MintJwtResponse {
         token,

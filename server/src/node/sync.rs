@@ -1,5 +1,6 @@
-//! `Sync`: an agent's authorized entries and the trust bundle, as a full
-//! snapshot and then deltas driven by the server's change feed.
+//! `Sync`: an agent's authorized entries, the trust bundle, revocations and
+//! CRLs, as a full snapshot and then deltas driven by the server's change
+//! feed.
 //!
 //! Deltas are computed by diffing the agent's authorized set before and
 //! after each change rather than from the changed ids alone, so that a
@@ -15,6 +16,7 @@ use futures::Stream;
 use mayfly::bundle::TrustBundle;
 use mayfly::entry::{Entry, EntryId};
 use mayfly::proto::node::SyncResponse;
+use mayfly::revocation::Revocation;
 use time::OffsetDateTime;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
@@ -33,6 +35,8 @@ const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(300);
 struct Sent {
     entries: BTreeMap<EntryId, u64>,
     bundle: Option<TrustBundle>,
+    /// Generation of the CRLs last sent.
+    crl_generation: Option<u64>,
 }
 
 /// The agent's authorized set now, and when the next entry in it (or node
@@ -66,15 +70,22 @@ fn view(ctx: &NodeCtx, agent: &Agent, now: OffsetDateTime) -> View {
 fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<OffsetDateTime>) {
     let v = view(ctx, agent, ctx.state.now());
     let bundle = ctx.state.bundle();
+    let (crls, generation) = ctx.state.crls();
     let msg = SyncResponse {
         revision: v.revision,
         full: true,
         upserted: v.entries.values().map(|e| e.to_proto()).collect(),
         removed_entry_ids: Vec::new(),
         bundle: Some(bundle.to_proto()),
-        revocations: Vec::new(),
-        crls: Vec::new(),
+        revocations: ctx
+            .state
+            .current_revocations()
+            .iter()
+            .map(Revocation::to_proto)
+            .collect(),
+        crls,
     };
+    sent.crl_generation = Some(generation);
     sent.entries = v
         .entries
         .iter()
@@ -90,6 +101,7 @@ fn delta(
     ctx: &NodeCtx,
     agent: &Agent,
     sent: &mut Sent,
+    revoked: &[Revocation],
 ) -> (Option<SyncResponse>, Option<OffsetDateTime>) {
     let v = view(ctx, agent, ctx.state.now());
     let upserted: Vec<_> = v
@@ -106,9 +118,23 @@ fn delta(
         .collect();
     let bundle = ctx.state.bundle();
     let bundle_changed = sent.bundle.as_ref() != Some(&bundle);
-    if upserted.is_empty() && removed.is_empty() && !bundle_changed {
+    let now = ctx.state.now();
+    let revocations: Vec<_> = revoked
+        .iter()
+        .filter(|r| !r.expired(now))
+        .map(Revocation::to_proto)
+        .collect();
+    let (crls, generation) = ctx.state.crls();
+    let crls_changed = sent.crl_generation != Some(generation);
+    if upserted.is_empty()
+        && removed.is_empty()
+        && !bundle_changed
+        && revocations.is_empty()
+        && !crls_changed
+    {
         return (None, v.next_expiry);
     }
+    sent.crl_generation = Some(generation);
     sent.entries = v
         .entries
         .iter()
@@ -120,8 +146,8 @@ fn delta(
         upserted,
         removed_entry_ids: removed,
         bundle: bundle_changed.then(|| bundle.to_proto()),
-        revocations: Vec::new(),
-        crls: Vec::new(),
+        revocations,
+        crls: if crls_changed { crls } else { Vec::new() },
     };
     sent.bundle = Some(bundle);
     (Some(msg), v.next_expiry)
@@ -140,8 +166,9 @@ fn wait_for(ctx: &NodeCtx, at: Option<OffsetDateTime>) -> Duration {
 enum Step {
     /// A change that does not concern this agent.
     Nothing,
-    /// Recompute and send what changed, if anything.
-    Delta,
+    /// Recompute and send what changed, if anything, with these new
+    /// revocations.
+    Delta(Vec<Revocation>),
     /// Re-read the node (ban, eviction), then a delta or a full snapshot.
     Recheck { then_full: bool },
     /// End the stream: the CA of the agent's SVID left the bundle.
@@ -174,10 +201,11 @@ pub fn stream(
             let sleep = tokio::time::sleep(wait_for(&ctx, next_expiry));
             let step = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => Step::ShuttingDown,
-                () = sleep => Step::Delta,
+                () = sleep => Step::Delta(Vec::new()),
                 ev = events.recv() => match ev {
                     Ok(ChangeEvent::Bundle) if issuer.as_deref().is_some_and(|id| !auth::issuer_trusted(&ctx, id)) => Step::IssuerRevoked,
-                    Ok(ChangeEvent::Entries { .. } | ChangeEvent::Bundle) => Step::Delta,
+                    Ok(ChangeEvent::Entries { .. } | ChangeEvent::Bundle) => Step::Delta(Vec::new()),
+                    Ok(ChangeEvent::Revocations { added }) => Step::Delta(added),
                     Ok(ChangeEvent::Node { spiffe_id }) if spiffe_id != agent_key => Step::Nothing,
                     Ok(ChangeEvent::Node { .. }) => Step::Recheck { then_full: false },
                     Err(RecvError::Lagged(missed)) => {
@@ -188,6 +216,7 @@ pub fn stream(
                     Err(RecvError::Closed) => Step::ShuttingDown,
                 },
             };
+            let mut revoked = Vec::new();
             let send_full = match step {
                 Step::Nothing => continue,
                 Step::IssuerRevoked => {
@@ -200,7 +229,10 @@ pub fn stream(
                     yield Err(Status::unavailable("the server is shutting down"));
                     break;
                 }
-                Step::Delta => false,
+                Step::Delta(added) => {
+                    revoked = added;
+                    false
+                }
                 Step::Recheck { then_full } => {
                     let task_ctx = Arc::clone(&ctx);
                     let id = agent.spiffe_id.clone();
@@ -220,7 +252,7 @@ pub fn stream(
                 next_expiry = next;
                 yield Ok(msg);
             } else {
-                let (msg, next) = delta(&ctx, &agent, &mut sent);
+                let (msg, next) = delta(&ctx, &agent, &mut sent, &revoked);
                 next_expiry = next;
                 if let Some(msg) = msg {
                     tracing::debug!(
@@ -228,6 +260,8 @@ pub fn stream(
                         revision = msg.revision,
                         upserted = msg.upserted.len(),
                         removed = msg.removed_entry_ids.len(),
+                        revocations = msg.revocations.len(),
+                        crls = msg.crls.len(),
                         "sync: delta"
                     );
                     yield Ok(msg);

@@ -10,6 +10,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mayfly::SpiffeId;
+use mayfly::revocation::Reason;
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::service::entries::page_size;
@@ -92,7 +93,7 @@ impl ServerState {
     }
 
     /// Bans an agent: it is refused on its next call and every call after,
-    /// and its `Sync` stream ends. Returns the updated record.
+    /// its `Sync` stream ends, and everything issued to it is revoked. Returns the updated record.
     pub fn ban_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
         let node = self
             .update_node(&id.to_string(), |n| {
@@ -102,17 +103,20 @@ impl ServerState {
             .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent banned");
+        self.revoke_agent_credentials(id, Reason::AgentBanned)?;
         Ok(node)
     }
 
     /// Evicts an agent: its record is deleted, so that its next call is
-    /// refused and it must attest again. Returns the removed record.
+    /// refused and it must attest again; everything issued to it is
+    /// revoked. Returns the removed record.
     pub fn evict_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
         let node = self
             .remove_node(&id.to_string())?
             .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent evicted");
+        self.revoke_agent_credentials(id, Reason::AgentEvicted)?;
         Ok(node)
     }
 }

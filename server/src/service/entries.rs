@@ -234,11 +234,21 @@ impl ServerState {
         Ok(entry)
     }
 
-    /// Deletes entry `id`, returning it.
+    /// Deletes entry `id`, returning it, and revokes every credential
+    /// issued under it.
     pub fn delete_entry(&self, id: &EntryId) -> ServiceResult<Entry> {
         let _w = ENTRY_WRITES.lock().unwrap_or_else(|p| p.into_inner());
         let entry = self.remove_entry(id)?;
         tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry deleted");
+        let revoked = self.revoke_entry_credentials(entry.id.as_str()).map_err(|e| {
+            ServiceError::Internal(format!(
+                "entry {} was deleted but its credentials could not be revoked ({e}); revoke them with `mayfly-server revocation add --spiffe-id {}`",
+                entry.id, entry.spiffe_id
+            ))
+        })?;
+        if !revoked.is_empty() {
+            tracing::info!(entry_id = %entry.id, revoked = revoked.len(), "revoked the deleted entry's credentials");
+        }
         Ok(entry)
     }
 }

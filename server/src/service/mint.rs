@@ -16,6 +16,8 @@ use zeroize::Zeroizing;
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::state::ServerState;
+use crate::store::IssuedRecord;
+use mayfly::revocation::CredentialId;
 
 /// The most DNS names one minted SVID may carry.
 const MAX_DNS_NAMES: usize = 64;
@@ -117,7 +119,16 @@ impl ServerState {
                 (VerifiedCsr::from_der(&k.csr_der)?, Some(k.key_pkcs8))
             }
         };
-        let signed = self.sign_x509_svid(spiffe_id, &csr, ttl, dns_names)?;
+        let (signed, authority_id) = self.sign_x509_svid_by(spiffe_id, &csr, ttl, dns_names)?;
+        self.record_issued(&[IssuedRecord {
+            id: CredentialId::Serial(signed.serial_hex()),
+            spiffe_id: spiffe_id.to_string(),
+            agent_id: None,
+            entry_id: None,
+            task_id: None,
+            authority_id,
+            expires_at: signed.not_after,
+        }])?;
         tracing::info!(spiffe_id = %spiffe_id, serial = %signed.serial_hex(), not_after = %signed.not_after, generated_key = key.is_some(), "admin minted an X.509-SVID");
         Ok(MintedX509 {
             serial: signed.serial_hex(),
@@ -134,7 +145,17 @@ impl ServerState {
         audience: &[String],
         ttl: Option<Ttl>,
     ) -> ServiceResult<MintedJwt> {
-        let (token, expires_at, jti) = self.mint_jwt_svid(spiffe_id, audience, ttl)?;
+        let (token, expires_at, jti, key_id) = self.mint_jwt_svid_by(spiffe_id, audience, ttl)?;
+        self.record_issued(&[IssuedRecord {
+            id: CredentialId::Jti(jti.clone()),
+            spiffe_id: spiffe_id.to_string(),
+            agent_id: None,
+            entry_id: None,
+            task_id: None,
+            authority_id: key_id,
+            expires_at: OffsetDateTime::from_unix_timestamp(expires_at)
+                .map_err(|e| ServiceError::Internal(format!("token expiry out of range: {e}")))?,
+        }])?;
         tracing::info!(spiffe_id = %spiffe_id, jti = %jti, exp = expires_at, audience = ?audience, "admin minted a JWT-SVID");
         Ok(MintedJwt {
             token: Zeroizing::new(token),

@@ -75,6 +75,18 @@ impl ServerState {
         audience: &[String],
         ttl: Option<Ttl>,
     ) -> ServiceResult<(String, i64, String)> {
+        self.mint_jwt_svid_by(spiffe_id, audience, ttl)
+            .map(|(token, exp, jti, _)| (token, exp, jti))
+    }
+
+    /// [`Self::mint_jwt_svid`], also returning the id of the key that
+    /// signed (always the active one).
+    pub fn mint_jwt_svid_by(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<Ttl>,
+    ) -> ServiceResult<(String, i64, String, String)> {
         self.check_member(spiffe_id)?;
         if audience.is_empty() {
             return Err(ServiceError::InvalidArgument(
@@ -119,7 +131,7 @@ impl ServerState {
         let token = key
             .mint(&claims)
             .map_err(|e| ServiceError::Internal(format!("minting a JWT-SVID: {e}")))?;
-        Ok((token, exp, jti))
+        Ok((token, exp, jti, key.key_id().to_owned()))
     }
 }
 

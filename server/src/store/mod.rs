@@ -1,5 +1,6 @@
 //! Durable state behind a narrow [`Store`] trait: registration entries,
-//! attested nodes, join tokens and the trust bundle. The default backend is
+//! attested nodes, join tokens, the trust bundle, issued credentials and
+//! revocations. The default backend is
 //! sled ([`sled_store::SledStore`]), embedded in the data directory.
 //!
 //! Every write returns only once it is durable (flushed), so that an
@@ -9,6 +10,7 @@ pub mod sled_store;
 
 use mayfly::SpiffeId;
 use mayfly::entry::{Assurance, Entry, EntryId, spiffe_id_serde};
+use mayfly::revocation::{CredentialId, Revocation};
 use mayfly::selector::SelectorSet;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -85,6 +87,30 @@ pub struct JoinTokenRecord {
     pub expires_at: OffsetDateTime,
 }
 
+/// A credential the server issued, kept until it expires so that it can be
+/// revoked by the agent it was issued to, with its entry, or by identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    /// The credential (X.509 serial or JWT `jti`).
+    pub id: CredentialId,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// The agent it was issued to (`None` when an operator minted it).
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// The entry it was issued under (`None` when an operator minted it).
+    #[serde(default)]
+    pub entry_id: Option<String>,
+    /// The agent-local task it belongs to (`None` for shared SVIDs).
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// The X.509 authority id or JWT key id that signed it.
+    pub authority_id: String,
+    /// When it expires.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
 /// Durable storage used by the server. Implementations must make every
 /// write durable before returning.
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -111,6 +137,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn take_join_token(&self, token_sha256: &str) -> Result<Option<JoinTokenRecord>, StoreError>;
     /// Removes tokens that expired before `now`; returns how many.
     fn prune_join_tokens(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
+
+    /// Records issued credentials, all durable with one flush.
+    fn put_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError>;
+    /// One issued credential.
+    fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError>;
+    /// Every issued credential not yet pruned.
+    fn list_issued(&self) -> Result<Vec<IssuedRecord>, StoreError>;
+    /// Records revocations (new or replaced), all durable with one flush.
+    fn put_revocations(&self, revocations: &[Revocation]) -> Result<(), StoreError>;
+    /// Every revocation not yet pruned.
+    fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Removes issuance records and revocations of credentials that expired
+    /// at `now`; returns how many of each.
+    fn prune_expired(&self, now: OffsetDateTime) -> Result<(usize, usize), StoreError>;
 
     /// A small named value (bundle sequence, revision counter, ...).
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;

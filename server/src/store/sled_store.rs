@@ -8,7 +8,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use super::{JoinTokenRecord, NodeRecord, Store, StoreError};
+use mayfly::revocation::{CredentialId, Revocation};
+
+use super::{IssuedRecord, JoinTokenRecord, NodeRecord, Store, StoreError};
 
 /// sled-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -18,6 +20,8 @@ pub struct SledStore {
     nodes: sled::Tree,
     tokens: sled::Tree,
     meta: sled::Tree,
+    issued: sled::Tree,
+    revocations: sled::Tree,
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -52,6 +56,8 @@ impl SledStore {
             nodes: db.open_tree("nodes").map_err(backend)?,
             tokens: db.open_tree("join_tokens").map_err(backend)?,
             meta: db.open_tree("meta").map_err(backend)?,
+            issued: db.open_tree("issued").map_err(backend)?,
+            revocations: db.open_tree("revocations").map_err(backend)?,
             db,
         })
     }
@@ -149,6 +155,72 @@ impl Store for SledStore {
             self.durable()?;
         }
         Ok(n)
+    }
+
+    fn put_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for r in records {
+            batch.insert(r.id.key().as_bytes(), encode(r)?);
+        }
+        self.issued.apply_batch(batch).map_err(backend)?;
+        self.durable()
+    }
+
+    fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
+        let key = id.key();
+        self.issued
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .map(|v| decode("issued", key.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn list_issued(&self) -> Result<Vec<IssuedRecord>, StoreError> {
+        Self::all(&self.issued, "issued")
+    }
+
+    fn put_revocations(&self, revocations: &[Revocation]) -> Result<(), StoreError> {
+        if revocations.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for r in revocations {
+            batch.insert(r.id.key().as_bytes(), encode(r)?);
+        }
+        self.revocations.apply_batch(batch).map_err(backend)?;
+        self.durable()
+    }
+
+    fn list_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        Self::all(&self.revocations, "revocation")
+    }
+
+    fn prune_expired(&self, now: OffsetDateTime) -> Result<(usize, usize), StoreError> {
+        let mut issued = sled::Batch::default();
+        let mut n_issued = 0;
+        for r in self.list_issued()? {
+            if r.expires_at <= now {
+                issued.remove(r.id.key().as_bytes());
+                n_issued += 1;
+            }
+        }
+        let mut revoked = sled::Batch::default();
+        let mut n_revoked = 0;
+        for r in self.list_revocations()? {
+            if r.expired(now) {
+                revoked.remove(r.id.key().as_bytes());
+                n_revoked += 1;
+            }
+        }
+        if n_issued + n_revoked > 0 {
+            self.issued.apply_batch(issued).map_err(backend)?;
+            self.revocations.apply_batch(revoked).map_err(backend)?;
+            self.durable()?;
+        }
+        Ok((n_issued, n_revoked))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
