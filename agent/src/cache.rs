@@ -13,6 +13,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
+use crate::revocation::Revocations;
+use crate::task::TaskRegistry;
+
 /// An X.509-SVID held for one entry.
 pub struct CachedSvid {
     /// The entry it was issued for.
@@ -41,6 +44,14 @@ impl CachedSvid {
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
         self.not_before <= now && now < self.expires_at
     }
+}
+
+/// The serial (lower-case hex) of an SVID's leaf; `None` when it cannot be parsed.
+pub fn svid_serial(svid: &CachedSvid) -> Option<String> {
+    let leaf = svid.chain_der.first()?;
+    mayfly::x509::SvidInfo::from_der(leaf)
+        .ok()
+        .map(|i| i.serial_hex.to_ascii_lowercase())
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -73,6 +84,12 @@ pub struct Snapshot {
     /// unreachable or refused): the Workload API tells their callers so instead of waiting.
     /// An entry leaves this set when it gets a new SVID or is removed.
     pub expired: BTreeSet<EntryId>,
+    /// The tasks seen and their credentials (for task-scoped entries).
+    pub tasks: TaskRegistry,
+    /// Credentials revoked by the server, until they would have expired.
+    pub revocations: Revocations,
+    /// The current CRLs (DER) of the trust domain's X.509 authorities, handed to workloads.
+    pub crls: Arc<Vec<Vec<u8>>>,
 }
 
 /// The shared, watchable state.
@@ -115,8 +132,50 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An SVID for entry `entry` signed by a throwaway CA, and its serial.
+    pub(crate) fn test_svid(entry: &str) -> (Arc<CachedSvid>, String) {
+        use mayfly::x509::{CaParams, SvidParams, VerifiedCsr, X509Authority, new_key_and_csr};
+        let td = mayfly::TrustDomain::new("example.org").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = X509Authority::generate(
+            &CaParams {
+                trust_domain: td,
+                ttl: time::Duration::hours(1),
+                subject: "Test".into(),
+            },
+            now,
+        )
+        .unwrap();
+        let k = new_key_and_csr().unwrap();
+        let id = SpiffeId::new(format!("spiffe://example.org/{entry}")).unwrap();
+        let signed = ca
+            .sign_svid(
+                &VerifiedCsr::from_der(&k.csr_der).unwrap(),
+                &SvidParams {
+                    spiffe_id: &id,
+                    dns_names: &[],
+                    ttl: time::Duration::minutes(10),
+                },
+                now,
+            )
+            .unwrap();
+        let serial = signed.serial_hex();
+        let svid = CachedSvid {
+            entry_id: entry.parse().unwrap(),
+            spiffe_id: id,
+            chain_der: vec![signed.der],
+            key_pkcs8: k.key_pkcs8,
+            not_before: now - time::Duration::seconds(10),
+            expires_at: signed.not_after,
+            received_at: now,
+            hint: String::new(),
+        };
+        assert_eq!(svid_serial(&svid).as_deref(), Some(serial.as_str()));
+        (Arc::new(svid), serial)
+    }
 
     #[tokio::test]
     async fn subscribers_see_updates() {

@@ -1,5 +1,5 @@
-//! The `mayfly-agent` command line: `run`, `healthcheck`, and `api ...`, which talks to a
-//! Workload API socket as a workload would. Every command is documented in
+//! The `mayfly-agent` command line: `run`, `healthcheck`, `api ...`, which talks to a
+//! Workload API socket as a workload would, and `task complete`. Every command is documented in
 //! `docs/cli-agent.md`.
 
 use std::io::Write as _;
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http_body_util::BodyExt as _;
+use mayfly::proto::task::CompleteRequest;
+use mayfly::proto::task::task_client::TaskClient;
 use mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly::proto::workload::{
     JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest, X509svidResponse,
@@ -51,6 +53,25 @@ enum Command {
     /// Use the Workload API as a workload would.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Tasks on a running agent (mayfly.task.v1).
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// End a task now (Task/Complete): every credential issued to it is revoked, and its
+    /// process is refused from then on. Without --pid: the calling process's own task.
+    Complete(TaskCompleteArgs),
+}
+
+#[derive(Args)]
+struct TaskCompleteArgs {
+    #[command(flatten)]
+    socket: Socket,
+    /// The process whose task ends (yours, or any as root). Default: this command's own.
+    #[arg(long, value_name = "PID")]
+    pid: Option<i32>,
 }
 
 #[derive(Args)]
@@ -196,6 +217,7 @@ impl Cli {
                     validate_jwt(args).await
                 }
                 Command::Api(ApiCommand::Watch(args)) => watch(args).await,
+                Command::Task(TaskCommand::Complete(args)) => task_complete(args).await,
             }
         })
     }
@@ -563,6 +585,51 @@ async fn fetch_jwt(args: FetchJwtArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn task_complete(args: TaskCompleteArgs) -> anyhow::Result<()> {
+    let path = api::socket_path_from_endpoint(&args.socket.socket_path)?;
+    let channel = tokio::time::timeout(args.socket.timeout, api::connect(&path))
+        .await
+        .map_err(|_| anyhow!("timed out connecting to the agent at {}", path.display()))?
+        .with_context(|| format!("cannot connect to the agent at {}", path.display()))?;
+    let mut client = TaskClient::new(channel);
+    let request = CompleteRequest {
+        pid: args.pid.unwrap_or(0),
+    };
+    let response = with_timeout(args.socket.timeout, "Task/Complete", async {
+        Ok(client
+            .complete(api::request(request))
+            .await
+            .map_err(|s| refused("Task/Complete", &s))?
+            .into_inner())
+    })
+    .await?;
+    match args.socket.output {
+        Output::Json => print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({
+                "task_id": response.task_id,
+                "revoked_x509_serials": response.revoked_x509_serials,
+                "revoked_jwt_ids": response.revoked_jwt_ids,
+            }))?
+        ))?,
+        Output::Text => print(&format!(
+            "Task {} completed.\nRevoked X.509-SVID serials: {}\nRevoked JWT-SVID ids: {}\n",
+            response.task_id,
+            list_or_none(&response.revoked_x509_serials),
+            list_or_none(&response.revoked_jwt_ids),
+        ))?,
+    }
+    Ok(())
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
 
 async fn validate_jwt(args: ValidateJwtArgs) -> anyhow::Result<()> {

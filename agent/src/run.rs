@@ -19,6 +19,7 @@ use crate::config::AgentConfig;
 use crate::health::{self, HealthState, OPERATOR_ACTION};
 use crate::storage::{self, Storage};
 use crate::sync::{self, Backoff, Syncer};
+use crate::task::{PidfdWatcher, Tasks};
 
 /// The environment variable that carries a join token.
 pub const JOIN_TOKEN_ENV: &str = "MAYFLY_JOIN_TOKEN";
@@ -206,23 +207,37 @@ async fn run_until(
         HealthState {
             client: client.clone(),
             cache: cache.clone(),
-            clock,
+            clock: clock.clone(),
         },
         stopped(stop_rx.clone()),
     ));
-    let minter: Arc<dyn crate::api::JwtMinter> = Arc::new(client);
-    let served = crate::api::serve(
-        &config.socket_path,
+    let client = Arc::new(client);
+    let tasks = Tasks::new(
+        cache.clone(),
+        Arc::new(PidfdWatcher::new()),
+        client.clone(),
+        &config.data_dir,
+        clock.clone(),
+    )
+    .context("agent data directory")?;
+    let tasks_task = tokio::spawn(tasks.clone().run(stop_rx.clone()));
+    let minter: Arc<dyn crate::api::JwtMinter> = client;
+    let api = crate::api::WorkloadApi::new(
         cache,
+        Arc::new(crate::workload::UnixAttestor::new()),
         minter,
         td,
-        stopped(stop_rx.clone()),
     )
-    .await;
+    .with_clock(clock)
+    .with_tasks(tasks);
+    let served = crate::api::serve_api(&config.socket_path, api, stopped(stop_rx.clone())).await;
     // The Workload API ended (shutdown or failure): stop the rest.
     stop_tx.send_replace(true);
     if let Err(e) = sync_task.await {
         tracing::warn!(error = %e, "sync task ended abnormally");
+    }
+    if let Err(e) = tasks_task.await {
+        tracing::warn!(error = %e, "task reporter ended abnormally");
     }
     match health_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "health endpoints failed"),

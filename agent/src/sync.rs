@@ -1,7 +1,8 @@
 //! The sync task: keeps one `Sync` stream open to the server, applies its
-//! snapshots and deltas to the [`Cache`], keeps an X.509-SVID for every
-//! authorized entry (signed through `SignX509`, renewed at half life), and
-//! renews the agent's own SVID. It reconnects with exponential backoff and
+//! snapshots and deltas to the [`Cache`] (entries, bundle, revocations and
+//! CRLs), keeps an X.509-SVID for every authorized `shared` entry (signed
+//! through `SignX509`, renewed at half life; `task` entries get one per task,
+//! see [`crate::task`]), and renews the agent's own SVID. It reconnects with exponential backoff and
 //! jitter when the stream breaks, and never crashes the agent: when the
 //! server refuses the agent itself it says in the log what an operator must
 //! do and keeps retrying slowly.
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use crate::attest::{AgentSvid, NodeAttestor};
-use crate::cache::{Cache, CachedSvid, Snapshot};
+use crate::cache::{Cache, CachedSvid, Snapshot, svid_serial};
 use crate::client::tls::TrustAnchors;
 use crate::client::{ClientError, ServerClient};
 use crate::storage::Storage;
@@ -150,6 +151,7 @@ pub fn apply_sync_response(
     }
     applied.dropped_svids = gone;
     snap.expired.retain(|id| next.contains_key(id));
+    snap.tasks.retain_entries(|id| next.contains_key(id));
     snap.entries = next;
     snap.revision = resp.revision;
     if resp.full {
@@ -311,6 +313,8 @@ pub fn entries_to_sign(
 /// removed.
 pub fn prune_expired(snap: &mut Snapshot, now: OffsetDateTime) -> bool {
     let before = (snap.entries.len(), snap.svids.len());
+    let revocations_pruned = snap.revocations.prune(now);
+    let task_creds_dropped = snap.tasks.drop_revoked(&snap.revocations, now) > 0;
     snap.entries.retain(|_, e| !e.is_expired(now));
     let entries = &snap.entries;
     let mut expired = Vec::new();
@@ -323,7 +327,36 @@ pub fn prune_expired(snap: &mut Snapshot, now: OffsetDateTime) -> bool {
     });
     snap.expired.extend(expired);
     snap.expired.retain(|id| entries.contains_key(id));
-    before != (snap.entries.len(), snap.svids.len())
+    before != (snap.entries.len(), snap.svids.len()) || revocations_pruned || task_creds_dropped
+}
+
+/// Applies the revocations and CRLs of a sync message at `now` (a full update replaces them,
+/// a delta adds revocations; CRLs, when present, replace the list) and drops every cached
+/// credential that is now revoked. Returns the entries whose SVID was dropped (to be signed
+/// again) and whether anything changed.
+pub fn apply_revocations(
+    snap: &mut Snapshot,
+    resp: &pb::SyncResponse,
+    now: OffsetDateTime,
+) -> (Vec<EntryId>, bool) {
+    let mut changed = snap.revocations.apply(resp.full, &resp.revocations, now);
+    if (resp.full || !resp.crls.is_empty()) && *snap.crls != resp.crls {
+        snap.crls = Arc::new(resp.crls.clone());
+        changed = true;
+    }
+    let revoked: Vec<EntryId> = snap
+        .svids
+        .iter()
+        .filter(|(_, s)| svid_serial(s).is_some_and(|x| snap.revocations.serial(&x)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &revoked {
+        snap.svids.remove(id);
+    }
+    if snap.tasks.drop_revoked(&snap.revocations, now) > 0 {
+        changed = true;
+    }
+    (revoked, changed)
 }
 
 /// The next instant after `now` at which something in the snapshot is due
@@ -620,12 +653,28 @@ impl Syncer {
         }
     }
 
+    /// Publishes the sync task's changes made on a copy of the snapshot. The task registry is
+    /// not copied back: tasks come and go on the Workload API side meanwhile (while this task
+    /// awaited the server), so only the changes the sync task owns are applied to the live
+    /// registry (credentials of removed entries, revoked or expired ones are dropped).
+    fn publish(&self, next: Snapshot) {
+        let now = self.clock.now();
+        self.cache.update(|s| {
+            let tasks = std::mem::take(&mut s.tasks);
+            *s = next;
+            s.tasks = tasks;
+            let entries = &s.entries;
+            s.tasks.retain_entries(|id| entries.contains_key(id));
+            s.tasks.drop_revoked(&s.revocations, now);
+        });
+    }
+
     fn publish_pruned(&self) {
         let now = self.clock.now();
         let mut next = (*self.cache.current()).clone();
         if prune_expired(&mut next, now) {
             tracing::info!("dropped expired credentials");
-            self.cache.update(|s| *s = next);
+            self.publish(next);
         }
     }
 
@@ -815,6 +864,18 @@ impl Syncer {
             );
         }
         self.stale.extend(applied.changed);
+        let (revoked, _) = apply_revocations(&mut next, resp, now);
+        for id in &revoked {
+            tracing::info!(entry_id = %id, "dropped a revoked X.509-SVID; signing a new one");
+        }
+        if !resp.revocations.is_empty() || !resp.crls.is_empty() {
+            tracing::info!(
+                revocations = next.revocations.len(),
+                crls = next.crls.len(),
+                full = resp.full,
+                "revocations updated"
+            );
+        }
         if (applied.bundle.is_some() || resp.full)
             && let Some(bundle) = next.bundle.clone()
         {
@@ -825,7 +886,7 @@ impl Syncer {
         let became_ready = next.ready && !current.ready;
         let entries = next.entries.len();
         let svids = next.svids.len();
-        self.cache.update(|s| *s = next);
+        self.publish(next);
         if became_ready {
             tracing::info!(
                 entries,
@@ -887,7 +948,7 @@ impl Syncer {
                 .iter()
                 .any(|(id, s)| before.get(id).is_none_or(|b| !Arc::ptr_eq(b, s)));
         if changed {
-            self.cache.update(|s| *s = next);
+            self.publish(next);
         }
         signed
     }
@@ -903,7 +964,15 @@ impl Syncer {
         if self.sign_retry_at.is_some_and(|t| now < t) {
             return Ok(());
         }
-        let due = entries_to_sign(next, &self.stale, now);
+        // Task-scoped entries get an SVID per task, signed on demand (see `task`).
+        let due: Vec<EntryId> = entries_to_sign(next, &self.stale, now)
+            .into_iter()
+            .filter(|id| {
+                next.entries
+                    .get(id)
+                    .is_some_and(|e| e.scope == mayfly::entry::Scope::Shared)
+            })
+            .collect();
         if due.is_empty() {
             return Ok(());
         }
@@ -1013,7 +1082,7 @@ fn refusal_is_per_entry(code: Code) -> bool {
 
 /// Checks a signed chain against its entry and key and builds the cached
 /// SVID.
-fn cached_svid(
+pub(crate) fn cached_svid(
     entry: &Entry,
     chain: Vec<Vec<u8>>,
     key: KeyAndCsr,
@@ -1472,6 +1541,66 @@ mod tests {
             snap.expired.iter().cloned().collect::<Vec<_>>(),
             ids(&["a"])
         );
+    }
+
+    #[test]
+    fn revocations_drop_revoked_svids_and_crls_replace_only_when_sent() {
+        let ca = ca();
+        let (a, b) = (entry("a", "a"), entry("b", "b"));
+        let mut snap = snapshot_with(&ca, &[a.clone(), b.clone()]);
+        let serial_a = svid_serial(&snap.svids[&a.id]).unwrap();
+        let far = (t0() + Duration::hours(1)).unix_timestamp();
+        let revoke = |serial: &str, jti: &str, expires_at: i64| pb::Revocation {
+            serial: serial.into(),
+            jti: jti.into(),
+            expires_at,
+            ..Default::default()
+        };
+        // A delta revoking a's serial and a jti, with a CRL.
+        let (dropped, changed) = apply_revocations(
+            &mut snap,
+            &pb::SyncResponse {
+                revision: 2,
+                revocations: vec![revoke(&serial_a, "", far), revoke("", "j1", far)],
+                crls: vec![b"crl".to_vec()],
+                ..Default::default()
+            },
+            t0(),
+        );
+        assert!(changed);
+        assert_eq!(dropped, ids(&["a"]));
+        assert!(!snap.svids.contains_key(&a.id) && snap.svids.contains_key(&b.id));
+        assert!(snap.revocations.jti("j1"));
+        assert_eq!(*snap.crls, vec![b"crl".to_vec()]);
+        // a is signed again.
+        assert_eq!(entries_to_sign(&snap, &BTreeSet::new(), t0()), ids(&["a"]));
+        // A delta without CRLs keeps them; nothing new is no change.
+        let (_, changed) = apply_revocations(
+            &mut snap,
+            &pb::SyncResponse {
+                revision: 3,
+                ..Default::default()
+            },
+            t0(),
+        );
+        assert!(!changed);
+        assert_eq!(snap.crls.len(), 1);
+        // Past their expiry, revocations are pruned (time is injected).
+        assert!(prune_expired(&mut snap, t0() + Duration::minutes(61)));
+        assert!(snap.revocations.is_empty());
+        // A full update replaces both (here: with nothing).
+        snap.revocations.add_jti("j2".into(), far);
+        let (_, changed) = apply_revocations(
+            &mut snap,
+            &pb::SyncResponse {
+                revision: 4,
+                full: true,
+                ..Default::default()
+            },
+            t0(),
+        );
+        assert!(changed);
+        assert!(snap.revocations.is_empty() && snap.crls.is_empty());
     }
 
     #[test]

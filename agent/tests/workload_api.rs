@@ -713,3 +713,77 @@ async fn jwt_svids_are_reused_and_every_bundle_key_validates_until_it_is_removed
     assert_ne!(fetch(&["a", "b"]).await, first, "a new JWT-SVID was minted");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_revoked_jti_is_rejected_and_not_served_and_crls_reach_both_x509_streams() {
+    use mayfly::proto::workload::X509BundlesRequest;
+    let agent = Agent::start(&my_uid_selector()).await;
+    let raw = agent.raw_client().await;
+    let fetch = || {
+        let mut raw = raw.clone();
+        async move {
+            raw.fetch_jwtsvid(api::request(JwtsvidRequest {
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .svids
+            .remove(0)
+            .svid
+        }
+    };
+    let validate = |token: String| {
+        let mut raw = raw.clone();
+        async move {
+            raw.validate_jwtsvid(api::request(ValidateJwtsvidRequest {
+                audience: "db".into(),
+                svid: token,
+            }))
+            .await
+        }
+    };
+    let token = fetch().await;
+    assert!(validate(token.clone()).await.is_ok());
+    let jti = api::token_jti(&token).unwrap();
+    let far = OffsetDateTime::now_utc().unix_timestamp() + 3600;
+    agent
+        .cache
+        .update(|s| s.revocations.add_jti(jti.clone(), far));
+    let refused = validate(token.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(refused.message(), "token revoked");
+    // The cached token is not handed out again: a new one is minted.
+    let fresh = fetch().await;
+    assert_ne!(api::token_jti(&fresh).unwrap(), jti);
+    assert!(validate(fresh).await.is_ok());
+
+    // CRLs: empty at first, then each change is pushed on both X.509 streams.
+    let mut svids = raw
+        .clone()
+        .fetch_x509svid(api::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bundles = raw
+        .clone()
+        .fetch_x509_bundles(api::request(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(svids.message().await.unwrap().unwrap().crl.is_empty());
+    assert!(bundles.message().await.unwrap().unwrap().crl.is_empty());
+    agent
+        .cache
+        .update(|s| s.crls = Arc::new(vec![b"crl-1".to_vec()]));
+    assert_eq!(
+        svids.message().await.unwrap().unwrap().crl,
+        vec![b"crl-1".to_vec()]
+    );
+    assert_eq!(
+        bundles.message().await.unwrap().unwrap().crl,
+        vec![b"crl-1".to_vec()]
+    );
+    agent.stop().await;
+}

@@ -3,7 +3,9 @@
 //! - [`listener`] binds the socket and reads each caller's kernel credentials on accept;
 //! - [`authority`] rewrites the HTTP/2 `:authority` so that every gRPC client is served;
 //! - [`workload_api`] is the service itself, answered from the agent's [`Cache`];
-//! - [`jwt_cache`] keeps the JWT-SVIDs it hands out for reuse until half their lifetime.
+//! - [`jwt_cache`] keeps the JWT-SVIDs it hands out for reuse until half their lifetime;
+//! - with [`WorkloadApi::with_tasks`], `mayfly.task.v1.Task` is served on the same socket
+//!   (see [`crate::task`]).
 //!
 //! [`serve`] puts them together.
 
@@ -25,14 +27,17 @@ use crate::cache::Cache;
 use crate::workload::UnixAttestor;
 
 pub use listener::{ListenerError, WorkloadConnection};
-pub use workload_api::{ApiError, JwtMinter, SECURITY_HEADER, StopStreams, WorkloadApi};
+pub use workload_api::{
+    ApiError, JwtMinter, MintedJwt, SECURITY_HEADER, StopStreams, WorkloadApi, token_jti,
+};
 
 /// After the shutdown signal, how long open connections get to finish before the server
 /// stops waiting for them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves the Workload API on `socket_path` until `shutdown` completes, attesting callers with
-/// the unix attestor.
+/// the unix attestor, without tasks (every entry served from its per-entry SVID). The agent
+/// itself uses [`serve_api`] with [`WorkloadApi::with_tasks`].
 ///
 /// The socket is (re)created with mode 0777: the API authenticates callers by attestation.
 /// On shutdown every open stream ends with `Unavailable` (clients reconnect), the server stops
@@ -64,8 +69,12 @@ pub async fn serve_api(
         stop.stop();
         let _ = stopped_tx.send(());
     };
+    // `mayfly.task.v1.Task` is a separate service on the same socket: the standard one is
+    // never extended.
+    let task_service = api.tasks().map(|t| t.service());
     let server = tonic::transport::Server::builder()
         .add_service(api.into_server())
+        .add_optional_service(task_service)
         .serve_with_incoming_shutdown(listener::incoming(listener), signal);
     let grace = async move {
         if stopped_rx.await.is_ok() {

@@ -34,6 +34,8 @@ use tracing::Span;
 
 use super::jwt_cache::{JwtKey, JwtSvidCache};
 use crate::cache::{Cache, CachedSvid, Snapshot};
+use crate::task::registry::TaskJwt;
+use crate::task::{TaskId, TaskState, Tasks};
 use crate::workload::{AttestError, PeerInfo, WorkloadAttestor};
 
 /// The metadata key every Workload API request must carry, with the value `true`.
@@ -54,6 +56,56 @@ pub trait JwtMinter: Send + Sync {
         entry_id: &EntryId,
         audience: &[String],
     ) -> Result<(String, i64), tonic::Status>;
+
+    /// A JWT-SVID for the entry `entry_id` and `audience`, issued to the task `task_id`
+    /// (recorded by the server for revocation): the token, its expiry and its `jti`. By default
+    /// [`JwtMinter::mint_jwt`], with the `jti` read from the token.
+    async fn mint_task_jwt(
+        &self,
+        entry_id: &EntryId,
+        audience: &[String],
+        task_id: &str,
+    ) -> Result<MintedJwt, tonic::Status> {
+        let _ = task_id;
+        let (token, expires_at) = self.mint_jwt(entry_id, audience).await?;
+        let jti = token_jti(&token).unwrap_or_default();
+        Ok(MintedJwt {
+            token,
+            expires_at,
+            jti,
+        })
+    }
+}
+
+/// A JWT-SVID minted for a task.
+pub struct MintedJwt {
+    /// The compact token.
+    pub token: String,
+    /// Its expiry (Unix seconds).
+    pub expires_at: i64,
+    /// Its `jti`.
+    pub jti: String,
+}
+
+impl std::fmt::Debug for MintedJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintedJwt")
+            .field("jti", &self.jti)
+            .field("expires_at", &self.expires_at)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The `jti` claim of a compact JWT, read without verifying it (only to look it up).
+pub fn token_jti(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("jti")?.as_str().map(str::to_owned)
 }
 
 /// Why a Workload API call was refused. Mapped to a gRPC status in one place
@@ -100,6 +152,13 @@ pub enum ApiError {
     /// A JWT-SVID did not validate (`InvalidArgument`).
     #[error("{0}")]
     InvalidToken(#[from] mayfly::jwt::JwtError),
+    /// The JWT-SVID's `jti` was revoked (`InvalidArgument`).
+    #[error("token revoked")]
+    TokenRevoked,
+    /// The caller's task is over (it called `Task/Complete`, or it was completed for it): a
+    /// new process is a new task (`PermissionDenied`).
+    #[error("task completed")]
+    TaskCompleted,
 }
 
 impl From<ApiError> for Status {
@@ -108,7 +167,8 @@ impl From<ApiError> for Status {
         match e {
             ApiError::MissingSecurityHeader
             | ApiError::InvalidArgument(_)
-            | ApiError::InvalidToken(_) => Status::invalid_argument(msg),
+            | ApiError::InvalidToken(_)
+            | ApiError::TokenRevoked => Status::invalid_argument(msg),
             ApiError::NotReady
             | ApiError::Pending(_)
             | ApiError::ShuttingDown
@@ -117,7 +177,8 @@ impl From<ApiError> for Status {
             ApiError::NoPeer
             | ApiError::Attestation(_)
             | ApiError::NoIdentity
-            | ApiError::NotEntitled(_) => Status::permission_denied(msg),
+            | ApiError::NotEntitled(_)
+            | ApiError::TaskCompleted => Status::permission_denied(msg),
         }
     }
 }
@@ -134,6 +195,7 @@ pub struct WorkloadApi {
     pending_wait: Duration,
     stop: Arc<watch::Sender<bool>>,
     jwt_cache: Arc<Mutex<JwtSvidCache>>,
+    tasks: Option<Arc<Tasks>>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -177,7 +239,22 @@ impl WorkloadApi {
             pending_wait: DEFAULT_PENDING_WAIT,
             stop: Arc::new(stop),
             jwt_cache: Arc::new(Mutex::new(JwtSvidCache::default())),
+            tasks: None,
         }
+    }
+
+    /// Serves task-scoped entries per task through `tasks` (a key pair and X.509-SVID per
+    /// task, JWT-SVIDs recorded under the task), refuses completed tasks, and serves
+    /// `mayfly.task.v1.Task` beside the Workload API. Without it every entry is served from
+    /// the per-entry SVIDs in the cache.
+    pub fn with_tasks(mut self, tasks: Arc<Tasks>) -> Self {
+        self.tasks = Some(tasks);
+        self
+    }
+
+    /// The task machinery, when enabled.
+    pub fn tasks(&self) -> Option<&Arc<Tasks>> {
+        self.tasks.as_ref()
     }
 
     /// Keeps at most `capacity` JWT-SVIDs for reuse (default
@@ -198,9 +275,11 @@ impl WorkloadApi {
     /// else a new one from the minter (kept for reuse).
     async fn jwt_svid_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
         let key = JwtKey::new(&entry.id, audience);
+        let revocations = self.cache.current();
         if let Some(token) = self
             .lock_jwt_cache()
             .get(&key, self.clock.now().unix_timestamp())
+            && !token_jti(&token).is_some_and(|j| revocations.revocations.jti(&j))
         {
             return Ok(token);
         }
@@ -211,6 +290,51 @@ impl WorkloadApi {
         }
         self.lock_jwt_cache().insert(key, &token, expires_at, now);
         Ok(token)
+    }
+
+    /// A JWT-SVID of `task` for the task-scoped `entry`: one this task already holds, else a
+    /// new one minted for the task, whose `jti` is recorded under it. Never another task's.
+    async fn task_jwt_svid_for(
+        &self,
+        task: &TaskId,
+        entry: &Entry,
+        audience: &[String],
+    ) -> Result<String, Status> {
+        let now = self.clock.now().unix_timestamp();
+        if let Some(token) = self
+            .cache
+            .current()
+            .tasks
+            .jwt(task, &entry.id, audience, now)
+        {
+            return Ok(token.to_string());
+        }
+        let minted = self
+            .minter
+            .mint_task_jwt(&entry.id, audience, task.as_str())
+            .await?;
+        let now = self.clock.now().unix_timestamp();
+        if minted.expires_at <= now {
+            return Err(ApiError::ExpiredJwtSvid(minted.expires_at).into());
+        }
+        let jti = if minted.jti.is_empty() {
+            token_jti(&minted.token).unwrap_or_default()
+        } else {
+            minted.jti
+        };
+        let held = TaskJwt {
+            token: Arc::new(zeroize::Zeroizing::new(minted.token.clone())),
+            jti,
+            reuse_until: super::jwt_cache::reuse_until(now, minted.expires_at),
+        };
+        let mut kept = false;
+        self.cache
+            .update(|s| kept = s.tasks.insert_jwt(task, &entry.id, audience, held));
+        if !kept {
+            // The task ended meanwhile: its token would escape revocation.
+            return Err(ApiError::TaskCompleted.into());
+        }
+        Ok(minted.token)
     }
 
     /// Uses `clock` for expiry decisions instead of the system clock.
@@ -246,8 +370,14 @@ impl WorkloadApi {
     async fn admit<T>(&self, request: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         let peer = request.extensions().get::<PeerInfo>().copied();
         let span = match peer {
-            Some(p) => tracing::info_span!("workload_api", method, pid = p.pid, uid = p.uid),
-            None => tracing::info_span!("workload_api", method),
+            Some(p) => tracing::info_span!(
+                "workload_api",
+                method,
+                pid = p.pid,
+                uid = p.uid,
+                task_id = tracing::field::Empty
+            ),
+            None => tracing::info_span!("workload_api", method, task_id = tracing::field::Empty),
         };
         let fail = |span: &Span, e: ApiError| {
             tracing::info!(parent: span, error = %e, "request refused");
@@ -267,7 +397,26 @@ impl WorkloadApi {
             Err(e) => return Err(fail(&span, e.into())),
         };
         tracing::debug!(parent: &span, selectors = selectors.len(), "caller attested");
-        Ok(Caller { selectors, span })
+        let task = match &self.tasks {
+            Some(tasks) => {
+                let Some(task) = tasks.task_of(&peer) else {
+                    return Err(fail(
+                        &span,
+                        ApiError::Attestation(AttestError::ProcessGone { pid: peer.pid }),
+                    ));
+                };
+                if tasks.observe(&task) == TaskState::Completed {
+                    return Err(fail(&span, ApiError::TaskCompleted));
+                }
+                span.record("task_id", task.as_str());
+                Some(task)
+            }
+            None => None,
+        };
+        Ok(Caller {
+            who: Who { selectors, task },
+            span,
+        })
     }
 
     /// The caller's matching entries in `snap`, or `PermissionDenied`.
@@ -275,7 +424,7 @@ impl WorkloadApi {
         let now = self.clock.now();
         let found = matching_entries(
             snap.entries.values().map(Arc::as_ref),
-            &caller.selectors,
+            &caller.who.selectors,
             now,
         );
         if found.is_empty() {
@@ -288,7 +437,7 @@ impl WorkloadApi {
     async fn open_stream<K, T>(
         &self,
         caller: Caller,
-        view: impl Fn(&Snapshot, &SelectorSet, OffsetDateTime) -> View<K> + Send + 'static,
+        view: impl Fn(&Snapshot, &Who, OffsetDateTime) -> View<K> + Send + 'static,
         render: impl Fn(&Snapshot, &K) -> T + Send + 'static,
     ) -> Result<ResponseStream<T>, Status>
     where
@@ -317,11 +466,77 @@ impl WorkloadApi {
 
 /// An admitted caller.
 struct Caller {
-    selectors: SelectorSet,
+    who: Who,
     span: Span,
 }
 
+/// What a caller is: its selectors and, when tasks are enabled, its task.
+struct Who {
+    selectors: SelectorSet,
+    task: Option<TaskId>,
+}
+
+impl Who {
+    /// Whether `entry` is served to this caller per task.
+    fn per_task(&self, entry: &Entry) -> Option<&TaskId> {
+        self.task
+            .as_ref()
+            .filter(|_| entry.scope == mayfly::entry::Scope::Task)
+    }
+
+    /// Why this caller's task no longer gets anything, if it is over.
+    fn task_over(&self, snap: &Snapshot) -> Option<ApiError> {
+        let task = self.task.as_ref()?;
+        (snap.tasks.state(task) != Some(TaskState::Live)).then_some(ApiError::TaskCompleted)
+    }
+}
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows the cache for one open `FetchX509SVID` stream of a task and signs
+/// the task-scoped entries it matches that have no usable SVID yet.
+async fn provision_task_svids(
+    tasks: Arc<Tasks>,
+    cache: Cache,
+    clock: Arc<dyn Clock>,
+    task: TaskId,
+    selectors: SelectorSet,
+) {
+    let mut rx = cache.subscribe();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        if snap.tasks.state(&task) != Some(TaskState::Live) {
+            return;
+        }
+        let scoped: Vec<Entry> = matching_entries(
+            snap.entries.values().map(Arc::as_ref),
+            &selectors,
+            clock.now(),
+        )
+        .into_iter()
+        .filter(|e| e.scope == mayfly::entry::Scope::Task)
+        .cloned()
+        .collect();
+        drop(snap);
+        let refs: Vec<&Entry> = scoped.iter().collect();
+        if let Err(status) = tasks.ensure_svids(&task, &refs).await {
+            tracing::warn!(task_id = %task, code = ?status.code(), error = status.message(), "task X.509-SVID signing failed; retrying on the next change");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
 
 /// What a stream's caller would get from one snapshot.
 enum View<K> {
@@ -362,7 +577,7 @@ enum Wake {
 /// `pending_wait` for pending items, and ends on denial or shutdown.
 fn follow<K, T>(
     f: Follow,
-    view: impl Fn(&Snapshot, &SelectorSet, OffsetDateTime) -> View<K> + Send + 'static,
+    view: impl Fn(&Snapshot, &Who, OffsetDateTime) -> View<K> + Send + 'static,
     render: impl Fn(&Snapshot, &K) -> T + Send + 'static,
 ) -> ResponseStream<T>
 where
@@ -386,7 +601,7 @@ where
             }
             let snap = rx.borrow_and_update().clone();
             let now = clock.now();
-            let (sleep_for, pending) = match view(&snap, &caller.selectors, now) {
+            let (sleep_for, pending) = match view(&snap, &caller.who, now) {
                 View::Denied(e) => {
                     tracing::info!(parent: &caller.span, error = %e, "stream ended");
                     yield Err(e.into());
@@ -479,10 +694,26 @@ impl PartialEq for X509BundleKey {
     }
 }
 
+/// The CRLs handed out, compared by content.
+struct CrlKey(Arc<Vec<Vec<u8>>>);
+
+impl PartialEq for CrlKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
 #[derive(PartialEq)]
 struct X509SvidKey {
     svids: Vec<SvidKey>,
     bundle: X509BundleKey,
+    crls: CrlKey,
+}
+
+#[derive(PartialEq)]
+struct X509BundlesKey {
+    bundle: X509BundleKey,
+    crls: CrlKey,
 }
 
 /// The bundle, or the reason to wait: none yet, or one without X.509 authorities (which no
@@ -493,18 +724,17 @@ fn x509_bundle(snap: &Snapshot) -> Option<&Arc<TrustBundle>> {
         .filter(|b| !b.x509_authorities.is_empty())
 }
 
-fn x509_svid_view(
-    snap: &Snapshot,
-    selectors: &SelectorSet,
-    now: OffsetDateTime,
-) -> View<X509SvidKey> {
+fn x509_svid_view(snap: &Snapshot, who: &Who, now: OffsetDateTime) -> View<X509SvidKey> {
     if !snap.ready {
         return View::Pending {
             what: "the agent's state",
             retry_at: None,
         };
     }
-    let entries = matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now);
+    if let Some(e) = who.task_over(snap) {
+        return View::Denied(e);
+    }
+    let entries = matching_entries(snap.entries.values().map(Arc::as_ref), &who.selectors, now);
     if entries.is_empty() {
         return View::Denied(ApiError::NoIdentity);
     }
@@ -519,7 +749,11 @@ fn x509_svid_view(
     let svids: Vec<SvidKey> = entries
         .iter()
         .filter_map(|e| {
-            let Some(svid) = snap.svids.get(&e.id) else {
+            let held = match who.per_task(e) {
+                Some(task) => snap.tasks.svid(task, &e.id),
+                None => snap.svids.get(&e.id),
+            };
+            let Some(svid) = held else {
                 expired |= snap.expired.contains(&e.id);
                 return None;
             };
@@ -558,6 +792,7 @@ fn x509_svid_view(
         key: X509SvidKey {
             svids,
             bundle: X509BundleKey(Arc::clone(bundle)),
+            crls: CrlKey(Arc::clone(&snap.crls)),
         },
         refresh_at: Some(refresh_at),
     }
@@ -577,7 +812,7 @@ fn render_x509_svids(key: &X509SvidKey) -> X509svidResponse {
                 hint: s.hint.clone(),
             })
             .collect(),
-        crl: Vec::new(),
+        crl: key.crls.0.to_vec(),
         federated_bundles: HashMap::new(),
     }
 }
@@ -585,7 +820,7 @@ fn render_x509_svids(key: &X509SvidKey) -> X509svidResponse {
 /// Bundle streams: denied when the caller's matches become empty, like SVID streams.
 fn bundle_view<K>(
     snap: &Snapshot,
-    selectors: &SelectorSet,
+    who: &Who,
     now: OffsetDateTime,
     key: impl FnOnce(&Arc<TrustBundle>) -> Option<K>,
 ) -> View<K> {
@@ -595,7 +830,10 @@ fn bundle_view<K>(
             retry_at: None,
         };
     }
-    if matching_entries(snap.entries.values().map(Arc::as_ref), selectors, now).is_empty() {
+    if let Some(e) = who.task_over(snap) {
+        return View::Denied(e);
+    }
+    if matching_entries(snap.entries.values().map(Arc::as_ref), &who.selectors, now).is_empty() {
         return View::Denied(ApiError::NoIdentity);
     }
     match snap.bundle.as_ref().and_then(key) {
@@ -705,8 +943,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let minted = futures::future::try_join_all(entries.iter().map(|e| {
             let audience = &req.audience;
+            let caller = &caller;
             async move {
-                let token = self.jwt_svid_for(e, audience).await?;
+                let token = match caller.who.per_task(e) {
+                    Some(task) => self.task_jwt_svid_for(task, e, audience).await?,
+                    None => self.jwt_svid_for(e, audience).await?,
+                };
                 Ok::<_, Status>(Jwtsvid {
                     spiffe_id: e.spiffe_id.to_string(),
                     svid: token,
@@ -733,8 +975,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let stream = self
             .open_stream(
                 caller,
-                |snap, selectors, now| {
-                    bundle_view(snap, selectors, now, |b| {
+                |snap, who, now| {
+                    bundle_view(snap, who, now, |b| {
                         Some(JwtBundleKey {
                             bundle: Arc::clone(b),
                             jwks: b.jwt_jwks_json(),
@@ -776,6 +1018,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let req = request.into_inner();
         let valid = mayfly::jwt::validate(&req.svid, &req.audience, &[bundle], self.clock.now())
             .map_err(|e| refused(e.into()))?;
+        if valid
+            .jti
+            .as_deref()
+            .is_some_and(|j| snap.revocations.jti(j))
+        {
+            return Err(refused(ApiError::TokenRevoked));
+        }
         tracing::info!(parent: &caller.span, subject = %valid.spiffe_id, "JWT-SVID validated");
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: valid.spiffe_id.to_string(),
@@ -790,9 +1039,41 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&request, "FetchX509SVID").await?;
+        if let (Some(tasks), Some(task)) = (&self.tasks, &caller.who.task) {
+            let snap = self.cache.current();
+            if let Ok(entries) = self.matches(&snap, &caller) {
+                let scoped: Vec<&Entry> = entries
+                    .into_iter()
+                    .filter(|e| caller.who.per_task(e).is_some())
+                    .collect();
+                tasks.ensure_svids(task, &scoped).await.inspect_err(|s| {
+                    tracing::warn!(parent: &caller.span, code = ?s.code(), error = s.message(), "task X.509-SVID signing failed");
+                })?;
+            }
+        }
+        // Task-scoped entries that start matching while the stream is open
+        // (a new entry, or a replaced SVID from a tainted authority) are
+        // signed for this task as they appear, so the stream pushes them
+        // without the caller reconnecting.
+        let provisioner = match (&self.tasks, &caller.who.task) {
+            (Some(tasks), Some(task)) => Some(AbortOnDrop(tokio::spawn(provision_task_svids(
+                Arc::clone(tasks),
+                self.cache.clone(),
+                Arc::clone(&self.clock),
+                task.clone(),
+                caller.who.selectors.clone(),
+            )))),
+            _ => None,
+        };
         let stream = self
             .open_stream(caller, x509_svid_view, |_, key| render_x509_svids(key))
             .await?;
+        let stream: ResponseStream<X509svidResponse> =
+            Box::pin(futures::StreamExt::map(stream, move |item| {
+                // The provisioner lives exactly as long as the stream.
+                let _keep = &provisioner;
+                item
+            }));
         Ok(Response::new(stream))
     }
 
@@ -807,14 +1088,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let stream = self
             .open_stream(
                 caller,
-                |snap, selectors, now| {
-                    bundle_view(snap, selectors, now, |b| {
-                        (!b.x509_authorities.is_empty()).then(|| X509BundleKey(Arc::clone(b)))
+                |snap, who, now| {
+                    bundle_view(snap, who, now, |b| {
+                        (!b.x509_authorities.is_empty()).then(|| X509BundlesKey {
+                            bundle: X509BundleKey(Arc::clone(b)),
+                            crls: CrlKey(Arc::clone(&snap.crls)),
+                        })
                     })
                 },
-                move |_, key: &X509BundleKey| X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles: HashMap::from([(td.clone(), key.0.x509_der_concat())]),
+                move |_, key: &X509BundlesKey| X509BundlesResponse {
+                    crl: key.crls.0.to_vec(),
+                    bundles: HashMap::from([(td.clone(), key.bundle.0.x509_der_concat())]),
                 },
             )
             .await?;
@@ -905,8 +1189,11 @@ mod tests {
             })
         }
 
-        fn selectors() -> SelectorSet {
-            ["unix:uid:1000".parse().unwrap()].into_iter().collect()
+        fn selectors() -> Who {
+            Who {
+                selectors: ["unix:uid:1000".parse().unwrap()].into_iter().collect(),
+                task: None,
+            }
         }
 
         fn sent(view: View<X509SvidKey>) -> Vec<String> {

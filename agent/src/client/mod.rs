@@ -609,17 +609,39 @@ impl ServerClient {
         entry_id: &EntryId,
         audience: &[String],
     ) -> Result<(String, i64), ClientError> {
+        let resp = self.mint_task_jwt(entry_id, audience, "").await?;
+        Ok((resp.token, resp.expires_at))
+    }
+
+    /// A JWT-SVID for an entry, issued to the task `task_id` (empty: shared): the server's
+    /// answer with the token, its expiry and its `jti`.
+    pub async fn mint_task_jwt(
+        &self,
+        entry_id: &EntryId,
+        audience: &[String],
+        task_id: &str,
+    ) -> Result<pb::MintJwtResponse, ClientError> {
         let mut node = self.node()?;
         let mut req = tonic::Request::new(pb::MintJwtRequest {
             entry_id: entry_id.to_string(),
             audience: audience.to_vec(),
-            task_id: String::new(),
+            task_id: task_id.to_owned(),
         });
         req.set_timeout(CALL_TIMEOUT);
-        let resp = self
+        Ok(self
             .observe("MintJwt", node.mint_jwt(req).await)?
-            .into_inner();
-        Ok((resp.token, resp.expires_at))
+            .into_inner())
+    }
+
+    /// Reports ended tasks; the number of credentials the server newly revoked.
+    pub async fn report_task_end(&self, tasks: Vec<pb::TaskEnd>) -> Result<u32, ClientError> {
+        let mut node = self.node()?;
+        let mut req = tonic::Request::new(pb::ReportTaskEndRequest { tasks });
+        req.set_timeout(CALL_TIMEOUT);
+        Ok(self
+            .observe("ReportTaskEnd", node.report_task_end(req).await)?
+            .into_inner()
+            .revoked)
     }
 }
 
@@ -638,6 +660,25 @@ impl crate::api::JwtMinter for ServerClient {
                 tracing::warn!(entry_id = %entry_id, error = %e, "MintJwt failed");
                 tonic::Status::from(e)
             })
+    }
+
+    async fn mint_task_jwt(
+        &self,
+        entry_id: &EntryId,
+        audience: &[String],
+        task_id: &str,
+    ) -> Result<crate::api::MintedJwt, tonic::Status> {
+        let resp = ServerClient::mint_task_jwt(self, entry_id, audience, task_id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(entry_id = %entry_id, task_id, error = %e, "MintJwt failed");
+                tonic::Status::from(e)
+            })?;
+        Ok(crate::api::MintedJwt {
+            token: resp.token,
+            expires_at: resp.expires_at,
+            jti: resp.jti,
+        })
     }
 }
 

@@ -82,6 +82,15 @@ pub struct MockState {
     /// While true every call fails with `Unavailable` and open sync streams break, as if the
     /// server were down.
     pub down: tokio::sync::watch::Sender<bool>,
+    /// Every task end acknowledged by `ReportTaskEnd`, in order.
+    pub task_ends: Mutex<Vec<pb::TaskEnd>>,
+    /// Every `SignX509` item received (entry id, task id).
+    pub sign_items: Mutex<Vec<(String, String)>>,
+    /// Revocations and CRLs sent in full sync updates.
+    pub revocations: Mutex<Vec<pb::Revocation>>,
+    pub crls: Mutex<Vec<Vec<u8>>>,
+    /// `expires_at` of minted JWT-SVIDs (default 1234).
+    pub jwt_expires_at: Mutex<Option<i64>>,
 }
 
 impl MockState {
@@ -102,6 +111,11 @@ impl MockState {
             use_ca2: std::sync::atomic::AtomicBool::new(false),
             bundle_override: Mutex::new(None),
             down: tokio::sync::watch::channel(false).0,
+            task_ends: Mutex::new(Vec::new()),
+            sign_items: Mutex::new(Vec::new()),
+            revocations: Mutex::new(Vec::new()),
+            crls: Mutex::new(Vec::new()),
+            jwt_expires_at: Mutex::new(None),
         })
     }
 
@@ -283,7 +297,8 @@ impl Node for MockNode {
             upserted: self.0.entries.lock().unwrap().clone(),
             removed_entry_ids: vec![],
             bundle: Some(self.0.bundle().to_proto()),
-            ..Default::default()
+            revocations: self.0.revocations.lock().unwrap().clone(),
+            crls: self.0.crls.lock().unwrap().clone(),
         };
         let mut updates = self.0.updates.subscribe();
         let mut down = self.0.down.subscribe();
@@ -315,6 +330,11 @@ impl Node for MockNode {
         let entries = self.0.entries.lock().unwrap().clone();
         let mut results = Vec::new();
         for item in &request.get_ref().items {
+            self.0
+                .sign_items
+                .lock()
+                .unwrap()
+                .push((item.entry_id.clone(), item.task_id.clone()));
             let Some(e) = entries.iter().find(|e| e.id == item.entry_id) else {
                 return Err(Status::permission_denied(format!(
                     "entry {} is not authorized for this agent",
@@ -358,8 +378,12 @@ impl Node for MockNode {
         }
         Ok(Response::new(pb::MintJwtResponse {
             token: format!("jwt-for-{}", r.entry_id),
-            expires_at: 1234,
-            jti: format!("jti-{}", r.entry_id),
+            expires_at: self.0.jwt_expires_at.lock().unwrap().unwrap_or(1234),
+            jti: if r.task_id.is_empty() {
+                format!("jti-{}", r.entry_id)
+            } else {
+                format!("jti-{}-{}", r.entry_id, r.task_id)
+            },
         }))
     }
 
@@ -369,6 +393,11 @@ impl Node for MockNode {
     ) -> Result<Response<pb::ReportTaskEndResponse>, Status> {
         self.0.record("ReportTaskEnd", &request);
         self.0.check_up()?;
+        self.0
+            .task_ends
+            .lock()
+            .unwrap()
+            .extend(request.get_ref().tasks.iter().cloned());
         let revoked = request
             .get_ref()
             .tasks
