@@ -181,7 +181,7 @@ impl Server {
                 "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"{address}\"\nadmin_socket_path = \"{}\"\nlog_level = \"debug\"\n{}",
                 dir.join("data").display(),
                 admin_socket.display(),
-                extra_lines(extra_toml),
+                extra_lines(&with_ephemeral_http(extra_toml)),
             ),
         )?;
         let mut cmd = Command::new(bin("mayfly-server"));
@@ -459,6 +459,16 @@ pub fn agent_healthcheck(health: &str) -> (bool, String) {
     )
 }
 
+/// Servers started in parallel must not all take the default public HTTP
+/// port: unless the test chose an `http_address`, use an ephemeral one.
+fn with_ephemeral_http(extra_toml: &str) -> String {
+    if extra_toml.contains("http_address") {
+        extra_toml.to_owned()
+    } else {
+        format!("http_address = \"127.0.0.1:0\"\n{extra_toml}")
+    }
+}
+
 /// The uid of this test process, for `unix:uid:` selectors.
 pub fn my_uid() -> u32 {
     // /proc/self/status "Uid:\treal\teffective..." — avoids unsafe libc calls.
@@ -525,4 +535,202 @@ pub fn admin_http(socket: &Path, method: &str, path: &str, body: Option<&str>) -
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Task-scoped credentials and revocation (issue 4).
+
+/// A serial number in the one form the tests compare: lowercase hex without
+/// separators or leading zero bytes (a DER integer may carry a `00` sign
+/// byte that one encoder writes and another strips).
+pub fn norm_serial(s: &str) -> String {
+    let hex: String = s
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let mut t = hex.as_str();
+    while t.len() > 2 && t.starts_with("00") {
+        t = &t[2..];
+    }
+    t.to_owned()
+}
+
+/// The serials (see [`norm_serial`]) a DER X.509 CRL lists as revoked.
+pub fn crl_serials(der: &[u8]) -> Result<Vec<String>> {
+    let (_, crl) = x509_parser::parse_x509_crl(der)
+        .map_err(|e| anyhow::anyhow!("not a DER X.509 CRL: {e}"))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| norm_serial(&hex_of(r.raw_serial())))
+        .collect())
+}
+
+/// The serials listed in any of `crls`.
+pub fn crls_serials(crls: &[Vec<u8>]) -> Result<std::collections::BTreeSet<String>> {
+    let mut all = std::collections::BTreeSet::new();
+    for c in crls {
+        all.extend(crl_serials(c)?);
+    }
+    Ok(all)
+}
+
+/// The serial (see [`norm_serial`]) of a DER certificate.
+pub fn cert_serial(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("not a DER certificate: {e}"))?;
+    Ok(norm_serial(&hex_of(cert.raw_serial())))
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Starts a server whose public HTTP listener (CRLs) is on a free loopback
+/// port, with `extra_toml` added to `[server]`; returns it and that
+/// listener's address (`127.0.0.1:PORT`).
+pub fn start_server_with_http(extra_toml: &str) -> Result<(Server, String)> {
+    let http = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(&format!("http_address = \"{http}\"\n{extra_toml}"))?;
+    Ok((server, http))
+}
+
+/// `GET http://<addr><path>` with curl; (status, body bytes). Status 0 when
+/// nothing answered.
+pub fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    let body = tempfile::NamedTempFile::new().expect("temp file");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-o"])
+        .arg(body.path())
+        .args(["-w", "%{http_code}"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl");
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (code, std::fs::read(body.path()).unwrap_or_default())
+}
+
+/// The X.509 authority ids the server reports (`authority show --output json`).
+pub fn x509_authority_ids(server: &Server) -> Result<Vec<String>> {
+    let v = server.cli_json(&["authority", "show"])?;
+    let mut ids = Vec::new();
+    collect_x509_authority_ids(&v, &mut ids);
+    if ids.is_empty() {
+        bail!("no X.509 authority id in `authority show`: {v}");
+    }
+    Ok(ids)
+}
+
+fn collect_x509_authority_ids(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, val) in m {
+                if (k.contains("x509") || k == "authorities")
+                    && let serde_json::Value::Array(items) = val
+                {
+                    for it in items {
+                        if let Some(id) = it
+                            .get("authority_id")
+                            .or_else(|| it.get("id"))
+                            .and_then(serde_json::Value::as_str)
+                            && !out.iter().any(|o| o == id)
+                        {
+                            out.push(id.to_owned());
+                        }
+                    }
+                }
+                collect_x509_authority_ids(val, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for it in items {
+                collect_x509_authority_ids(it, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The revoked serials the server serves at `GET /crl/{id}` for every
+/// X.509 authority.
+pub fn server_crl_serials(
+    server: &Server,
+    http: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    let mut all = std::collections::BTreeSet::new();
+    for id in x509_authority_ids(server)? {
+        let (code, body) = http_get(http, &format!("/crl/{id}"));
+        if code != 200 {
+            bail!(
+                "GET /crl/{id} answered {code}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        all.extend(crl_serials(&body)?);
+    }
+    Ok(all)
+}
+
+/// What a child `mayfly-agent api fetch x509 --output json` process got.
+#[derive(Debug, Clone)]
+pub struct ChildSvid {
+    /// The child's pid (its task is `unix:<pid>:<start>`).
+    pub pid: u32,
+    /// SPIFFE ID of the first SVID.
+    pub spiffe_id: String,
+    /// Its serial, see [`norm_serial`].
+    pub serial: String,
+    /// The whole JSON output.
+    pub json: serde_json::Value,
+}
+
+/// Runs `mayfly-agent api fetch x509 --output json` against `socket` as a
+/// separate, short-lived workload process (it fetches and exits, which ends
+/// its task), with `--write DIR` when given.
+pub fn fetch_x509_child(socket: &Path, write: Option<&Path>) -> Result<ChildSvid> {
+    let mut cmd = Command::new(bin("mayfly-agent"));
+    cmd.args(["api", "fetch", "x509", "--output", "json", "--socket-path"])
+        .arg(socket);
+    if let Some(dir) = write {
+        cmd.arg("--write").arg(dir);
+    }
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "mayfly-agent api fetch x509 failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let first = &json["svids"][0];
+    Ok(ChildSvid {
+        pid,
+        spiffe_id: first["spiffe_id"].as_str().context("spiffe_id")?.to_owned(),
+        serial: norm_serial(first["serial"].as_str().context("serial")?),
+        json,
+    })
+}
+
+/// The agent's `unix:path:` selector for a binary (the kernel's view of the
+/// path, symlinks resolved).
+pub fn path_selector(binary: &Path) -> String {
+    let p = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_owned());
+    format!("unix:path:{}", p.display())
+}
+
+/// Revocations the server lists (`GET /v1/revocations` on the admin socket).
+pub fn revocations(server: &Server) -> Result<Vec<serde_json::Value>> {
+    let (code, body) = admin_http(&server.admin_socket, "GET", "/v1/revocations", None);
+    if code != 200 {
+        bail!("GET /v1/revocations answered {code}: {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["revocations"].as_array().cloned().unwrap_or_default())
 }

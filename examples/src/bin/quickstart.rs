@@ -53,6 +53,7 @@ async fn main() -> Result<()> {
     server_cfg.data_dir = dir.join("server");
     server_cfg.admin_socket_path = dir.join("server/admin.sock");
     server_cfg.bind_address = "127.0.0.1:0".parse()?;
+    server_cfg.http_address = "127.0.0.1:0".parse()?;
     let (stop_server, server_stop) = watch::channel(false);
     let (stop_agent, agent_stop) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
