@@ -8,6 +8,7 @@
 pub mod authority;
 pub mod bundle;
 pub mod clock;
+pub mod config;
 pub mod entry;
 pub mod id;
 pub mod jwt;

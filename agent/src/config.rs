@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use mayfly::TrustDomain;
+use mayfly::config::ConfigError as FileError;
 use serde::Deserialize;
 
 use crate::attest::JoinToken;
@@ -15,33 +16,10 @@ use crate::attest::JoinToken;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has an unknown or mistyped key; the message
-    /// carries the line, column and key.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message, with line and column.
-        message: String,
-    },
-    /// A value is well-formed TOML but invalid.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
+    /// The file could not be read, does not parse, or has an invalid value
+    /// (the message names the file, line and key).
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The agent has no way to trust the server before its first attestation.
     #[error(
         "the agent has no trust bundle for the server: set agent.trust_bundle_path to a PEM file \
@@ -129,7 +107,7 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -138,10 +116,7 @@ impl AgentConfig {
 
     /// Validates TOML text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let raw: RawConfig = mayfly::config::parse_toml(text, path)?;
         Self::from_raw(raw, path)
     }
 
@@ -175,10 +150,12 @@ impl AgentConfig {
 
     fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
         let a = raw.agent;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
+        let invalid = |key: &'static str, message: String| {
+            ConfigError::File(FileError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })
         };
         let trust_domain = TrustDomain::new(a.trust_domain.as_deref().unwrap_or("example.org"))
             .map_err(|e| invalid("agent.trust_domain", e.to_string()))?;

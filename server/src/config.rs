@@ -9,38 +9,7 @@ use mayfly::TrustDomain;
 use mayfly::ttl::Ttl;
 use serde::Deserialize;
 
-/// Why a configuration was rejected.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has an unknown or mistyped key; the message
-    /// carries the line, column and key.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message, with line and column.
-        message: String,
-    },
-    /// A value is well-formed TOML but invalid.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use mayfly::config::ConfigError;
 
 /// The file as written. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -148,10 +117,7 @@ impl ServerConfig {
 
     /// Validates TOML text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let raw: RawConfig = mayfly::config::parse_toml(text, path)?;
         Self::from_raw(raw, path)
     }
 
