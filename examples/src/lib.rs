@@ -7,6 +7,7 @@
 //! which follows rotations of both; `spiffe-rustls` reads the source's
 //! current state at every handshake.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,4 +155,22 @@ mod tests {
             Some("unix:///tmp/a.sock")
         );
     }
+}
+
+/// The flags both example mTLS servers take.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Workload API socket (a path or `unix:PATH`); default: `SPIFFE_ENDPOINT_SOCKET`.
+    #[arg(long)]
+    pub socket: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// A client SPIFFE ID to accept (repeatable). Every other client is refused.
+    #[arg(long = "allow-id", required = true)]
+    pub allow_id: Vec<String>,
+    /// Present the SVID with this SPIFFE ID when the workload has several
+    /// (default: the first the agent sends).
+    #[arg(long = "spiffe-id")]
+    pub spiffe_id: Option<String>,
 }

@@ -19,7 +19,6 @@
 //!
 //! `crl_mtls_server --listen 127.0.0.1:8443 --allow-id spiffe://example.org/client [--socket PATH] [--spiffe-id ID]`
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +27,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 use mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly::proto::workload::{X509svid, X509svidRequest, X509svidResponse};
-use mayfly_examples::{endpoint, summarize};
+use mayfly_examples::{ServerArgs, endpoint, summarize};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{
@@ -47,19 +46,8 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 /// taken from the Workload API.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Workload API socket (a path or `unix:PATH`); default: `SPIFFE_ENDPOINT_SOCKET`.
-    #[arg(long)]
-    socket: Option<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
-    /// A client SPIFFE ID to accept (repeatable). Every other client is refused.
-    #[arg(long = "allow-id", required = true)]
-    allow_id: Vec<String>,
-    /// Present the SVID with this SPIFFE ID when the workload has several
-    /// (default: the first the agent sends).
-    #[arg(long = "spiffe-id")]
-    spiffe_id: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 /// What one Workload API message turned into.
@@ -78,7 +66,7 @@ impl std::fmt::Debug for Current {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse().server;
     let socket = socket_path(&endpoint(args.socket.as_deref())?)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let allow: Arc<[String]> = args.allow_id.clone().into();

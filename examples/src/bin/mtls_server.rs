@@ -11,13 +11,12 @@
 //!
 //! `mtls_server --listen 127.0.0.1:8443 --allow-id spiffe://example.org/client [--socket PATH] [--spiffe-id ID]`
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use mayfly_examples::{endpoint, summarize, x509_source};
+use mayfly_examples::{ServerArgs, endpoint, summarize, x509_source};
 use spiffe_rustls::{LocalOnly, authorizer, mtls_server};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,24 +25,13 @@ use tokio_rustls::TlsAcceptor;
 /// mTLS server authenticated by SPIFFE X.509-SVIDs from the Workload API.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Workload API socket (a path or `unix:PATH`); default: `SPIFFE_ENDPOINT_SOCKET`.
-    #[arg(long)]
-    socket: Option<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
-    /// A client SPIFFE ID to accept (repeatable). Every other client is refused.
-    #[arg(long = "allow-id", required = true)]
-    allow_id: Vec<String>,
-    /// Present the SVID with this SPIFFE ID when the workload has several
-    /// (default: the first the agent sends).
-    #[arg(long = "spiffe-id")]
-    spiffe_id: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse().server;
     let endpoint = endpoint(args.socket.as_deref())?;
     let source = x509_source(&endpoint, args.spiffe_id.as_deref()).await?;
     let own = source.svid().context("no usable X.509-SVID")?;
