@@ -25,6 +25,22 @@ pub enum ServiceError {
     /// The system is not in a state that allows this (for example a banned agent).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Policy (or a registration rule expressed as policy) refused the
+    /// request. `reasons` are the ids of the policies that decided it.
+    #[error("{message}")]
+    PolicyDenied {
+        /// What was refused and why, for the caller.
+        message: String,
+        /// Ids of the policies that determined the decision.
+        reasons: Vec<String>,
+    },
+    /// The request needs a fresher node attestation: a re-attestable agent
+    /// attests again and retries; others are refused with this message.
+    #[error("{0}")]
+    ReattestRequired(String),
+    /// The caller exceeded its rate limit; it may retry later.
+    #[error("{0}")]
+    RateLimited(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -88,6 +88,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::FailedPrecondition(_) => {
                 (StatusCode::PRECONDITION_FAILED, "failed_precondition")
             }
+            ServiceError::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "permission_denied"),
+            ServiceError::ReattestRequired(_) => {
+                (StatusCode::PRECONDITION_FAILED, "failed_precondition")
+            }
+            ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
             ServiceError::Store(_) | ServiceError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

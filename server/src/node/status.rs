@@ -5,6 +5,10 @@ use tonic::Status;
 
 use crate::error::ServiceError;
 
+/// gRPC metadata key set (to `required`) on a `FailedPrecondition` that asks
+/// the agent to attest again before it retries the call.
+pub const REATTEST_METADATA: &str = "mayfly-reattest";
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -14,6 +18,16 @@ impl From<ServiceError> for Status {
             ServiceError::PermissionDenied(m) => Status::permission_denied(m),
             ServiceError::Unauthenticated(m) => Status::unauthenticated(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ServiceError::PolicyDenied { message, .. } => Status::permission_denied(message),
+            ServiceError::ReattestRequired(m) => {
+                let mut s = Status::failed_precondition(m);
+                s.metadata_mut().insert(
+                    REATTEST_METADATA,
+                    tonic::metadata::MetadataValue::from_static("required"),
+                );
+                s
+            }
+            ServiceError::RateLimited(m) => Status::resource_exhausted(m),
             ServiceError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::unavailable("the server's store failed; try again")
