@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod authorities;
 pub mod bundle;
+pub mod caller;
 pub mod entries;
 pub mod error;
 pub mod extract;
@@ -33,6 +34,7 @@ use axum::serve::Listener;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::Instrument as _;
 
+use self::caller::AdminCaller;
 use self::error::ApiError;
 use crate::error::ServiceResult;
 use crate::state::ServerState;
@@ -90,6 +92,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         })
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(caller::attach))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
 }
@@ -145,13 +148,15 @@ struct OwnerOnly {
 
 impl Listener for OwnerOnly {
     type Io = UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
+    type Addr = AdminCaller;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let (stream, addr) = Listener::accept(&mut self.inner).await;
+            let (stream, _addr) = Listener::accept(&mut self.inner).await;
             match stream.peer_cred() {
-                Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => return (stream, addr),
+                Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => {
+                    return (stream, AdminCaller::unix(cred.uid(), cred.pid()));
+                }
                 Ok(cred) => {
                     tracing::warn!(
                         peer_uid = cred.uid(),
@@ -166,7 +171,8 @@ impl Listener for OwnerOnly {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
+        // The listening side has no peer; name the server's own user.
+        Ok(AdminCaller::unix(self.uid, None))
     }
 }
 
@@ -218,10 +224,13 @@ pub async fn serve(
         inner: listener,
         uid: nix::unistd::geteuid().as_raw(),
     };
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("admin API server failed");
+    let result = axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<AdminCaller>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("admin API server failed");
     if let Err(e) = std::fs::remove_file(socket_path)
         && e.kind() != std::io::ErrorKind::NotFound
     {

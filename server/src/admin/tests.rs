@@ -43,12 +43,16 @@ fn api() -> Api {
 
 impl Api {
     async fn raw(&self, method: Method, uri: &str, body: Option<&str>) -> (StatusCode, Vec<u8>) {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(uri)
             .header("content-type", "application/json")
             .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
             .unwrap();
+        // What the real listener attaches: the peer's credentials.
+        req.extensions_mut().insert(axum::extract::ConnectInfo(
+            super::caller::AdminCaller::unix(0, Some(1)),
+        ));
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
