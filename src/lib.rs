@@ -18,5 +18,6 @@ pub mod revocation;
 pub mod selector;
 pub mod ttl;
 pub mod x509;
+pub mod x509pop;
 
 pub use spiffe::{SpiffeId, TrustDomain};

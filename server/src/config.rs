@@ -56,6 +56,40 @@ pub struct RawServer {
     pub log_level: Option<String>,
     /// Log format, `text` or `json`; default `text`.
     pub log_format: Option<String>,
+    /// `[server.node_attestors]`: node attestors besides `join_token`.
+    #[serde(default)]
+    pub node_attestors: RawNodeAttestors,
+    /// `[server.rate_limits]`: per-identity limits on attestation and signing.
+    #[serde(default)]
+    pub rate_limits: RawRateLimits,
+}
+
+/// `[server.node_attestors]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeAttestors {
+    /// `[server.node_attestors.x509pop]`; the attestor is disabled without it.
+    pub x509pop: Option<RawX509Pop>,
+}
+
+/// `[server.node_attestors.x509pop]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawX509Pop {
+    /// PEM file of the CA certificates node certificates must chain to.
+    pub ca_bundle_path: Option<PathBuf>,
+}
+
+/// `[server.rate_limits]` table. `0` disables a limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    /// Attestations per minute per claimed agent identity; default 30.
+    pub attestations_per_minute: Option<u32>,
+    /// Sustained signings per second per agent; default 500.
+    pub signings_per_second: Option<u32>,
+    /// Signings an agent may make at once above the sustained rate; default 5000.
+    pub signing_burst: Option<u32>,
 }
 
 /// Log output format.
@@ -65,6 +99,36 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The `x509pop` node attestor's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509PopConfig {
+    /// PEM CA certificates that node certificates must chain to. Re-read at
+    /// every attestation, so that the CA set can change without a restart.
+    pub ca_bundle_path: PathBuf,
+}
+
+/// Per-identity rate limits (`0` = unlimited). Keys are agent SPIFFE IDs
+/// (claimed ones for attestation), never network addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Attestations per minute per claimed agent identity.
+    pub attestations_per_minute: u32,
+    /// Sustained X.509-SVID items plus JWT-SVIDs per second per agent.
+    pub signings_per_second: u32,
+    /// How many signings an agent may make at once.
+    pub signing_burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            attestations_per_minute: 30,
+            signings_per_second: 500,
+            signing_burst: 5000,
+        }
+    }
 }
 
 /// A validated server configuration.
@@ -103,6 +167,10 @@ pub struct ServerConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// The `x509pop` node attestor; `None` (disabled) unless configured.
+    pub x509pop: Option<X509PopConfig>,
+    /// Per-identity rate limits.
+    pub rate_limits: RateLimitConfig,
 }
 
 impl ServerConfig {
@@ -187,7 +255,41 @@ impl ServerConfig {
             Some(v) => ttl("server.jwt_key_ttl", Some(v), "")?,
             None => ca_ttl,
         };
+        let x509pop = match s.node_attestors.x509pop {
+            None => None,
+            Some(x) => Some(X509PopConfig {
+                ca_bundle_path: x.ca_bundle_path.ok_or_else(|| {
+                    invalid(
+                        "server.node_attestors.x509pop.ca_bundle_path",
+                        "is required: a PEM file of the CA certificates that node certificates \
+                         must chain to (remove the table to disable x509pop)"
+                            .into(),
+                    )
+                })?,
+            }),
+        };
+        let defaults = RateLimitConfig::default();
+        let r = s.rate_limits;
+        let rate_limits = RateLimitConfig {
+            attestations_per_minute: r
+                .attestations_per_minute
+                .unwrap_or(defaults.attestations_per_minute),
+            signings_per_second: r
+                .signings_per_second
+                .unwrap_or(defaults.signings_per_second),
+            signing_burst: r.signing_burst.unwrap_or(defaults.signing_burst),
+        };
+        if rate_limits.signings_per_second > 0 && rate_limits.signing_burst == 0 {
+            return Err(invalid(
+                "server.rate_limits.signing_burst",
+                "must be at least 1 while signings_per_second is set (0 disables both with \
+                 signings_per_second = 0)"
+                    .into(),
+            ));
+        }
         let cfg = Self {
+            x509pop,
+            rate_limits,
             trust_domain,
             data_dir,
             bind_address,
@@ -273,6 +375,42 @@ mod tests {
         assert!(
             msg.contains("s.toml") && msg.contains("line 3") && msg.contains("colour"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn x509pop_and_rate_limits() {
+        let c = ServerConfig::development();
+        assert_eq!(c.x509pop, None);
+        assert_eq!(c.rate_limits, RateLimitConfig::default());
+        let c = ServerConfig::parse(
+            "[server.node_attestors.x509pop]\nca_bundle_path = \"/etc/ca.pem\"\n[server.rate_limits]\nattestations_per_minute = 0\nsignings_per_second = 2\nsigning_burst = 3\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.x509pop.unwrap().ca_bundle_path,
+            PathBuf::from("/etc/ca.pem")
+        );
+        assert_eq!(c.rate_limits.attestations_per_minute, 0);
+        assert_eq!(c.rate_limits.signings_per_second, 2);
+        assert_eq!(c.rate_limits.signing_burst, 3);
+        let err = ServerConfig::parse("[server.node_attestors.x509pop]\n", Path::new("s.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("ca_bundle_path"), "{err}");
+        let err = ServerConfig::parse(
+            "[server.node_attestors.x509pop]\nca_bundle_path = \"a\"\ncolour = 1\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        assert!(ServerConfig::parse("[server.node_attestors.tpm]\n", Path::new("s.toml")).is_err());
+        assert!(
+            ServerConfig::parse(
+                "[server.rate_limits]\nsigning_burst = 0\n",
+                Path::new("s.toml")
+            )
+            .is_err()
         );
     }
 

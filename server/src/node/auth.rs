@@ -98,8 +98,19 @@ impl Agent {
         if let Some(age) = entry.max_attestation_age
             && now - self.node.attested_at > age.as_time()
         {
+            // Step-up: a re-attestable agent proves itself again and
+            // retries; any other agent cannot meet the entry's policy.
+            if self.node.can_reattest {
+                return Err(ServiceError::ReattestRequired(format!(
+                    "entry {id} ({}) requires a node attestation within {age}; attest again",
+                    entry.spiffe_id
+                )));
+            }
             return Err(denied(&format!(
-                ": it requires a node attestation within {age}"
+                ": it requires a node attestation within {age}, and this agent attested with {} \
+                 at {}, which cannot prove itself again; enrol the node with a re-attestable \
+                 attestor such as x509pop",
+                self.node.attestor, self.node.attested_at
             )));
         }
         Ok(entry)

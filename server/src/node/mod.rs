@@ -12,17 +12,19 @@
 
 pub mod attest;
 pub mod auth;
+pub mod rate_limit;
 pub mod renew;
 pub mod sign;
 pub mod status;
 pub mod sync;
+pub mod x509pop;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use mayfly::proto::node::node_server::{Node, NodeServer};
 use mayfly::proto::node::{
     AttestRequest, AttestResponse, MintJwtRequest, MintJwtResponse, RenewRequest, RenewResponse,
@@ -74,6 +76,8 @@ pub enum NodeApiError {
 pub struct NodeCtx {
     /// The server state.
     pub state: Arc<ServerState>,
+    /// Per-identity rate limits (`[server.rate_limits]`).
+    pub limits: rate_limit::RateLimits,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -81,7 +85,12 @@ impl NodeCtx {
     /// Handler context over `state`; long-lived streams end when
     /// `shutdown` turns true.
     pub fn new(state: Arc<ServerState>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { state, shutdown }
+        let limits = rate_limit::RateLimits::new(&state.config.rate_limits);
+        Self {
+            state,
+            limits,
+            shutdown,
+        }
     }
 
     /// Stores a node. Blocking.
@@ -164,15 +173,32 @@ impl Node for NodeService {
             attestor = Empty,
             agent = Empty
         );
+        // The conversation runs in its own task so that challenges can be
+        // sent while it waits for answers. The call fails with the status
+        // itself when the first thing the conversation produces is a refusal
+        // (join tokens are refused this way, as before challenges existed).
         let ctx = Arc::clone(&self.ctx);
-        let result = attest::attest(ctx, request.into_inner())
-            .instrument(span.clone())
+        let (tx, mut rx) = mpsc::channel::<Result<AttestResponse, Status>>(2);
+        let inbound = request.into_inner();
+        let task_span = span.clone();
+        tokio::spawn(async move {
+            let result = attest::attest(ctx, inbound, &tx)
+                .instrument(task_span.clone())
+                .await
+                .inspect_err(|s| task_span.in_scope(|| tracing::info!(code = ?s.code(), message = s.message(), "attestation refused")))
+                .map(|result| AttestResponse {
+                    step: Some(attest_response::Step::Result(result)),
+                });
+            let _ = tx.send(result).await;
+        });
+        let first = rx
+            .recv()
             .await
-            .inspect_err(|s| span.in_scope(|| tracing::info!(code = ?s.code(), message = s.message(), "attestation refused")))?;
-        let msg = AttestResponse {
-            step: Some(attest_response::Step::Result(result)),
-        };
-        Ok(Response::new(Box::pin(futures::stream::iter([Ok(msg)]))))
+            .ok_or_else(|| Status::internal("attestation ended without an answer"))??;
+        let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(
+            futures::stream::iter([Ok(first)]).chain(rest),
+        )))
     }
 
     async fn renew(

@@ -53,6 +53,8 @@ pub fn sign_x509(
             req.items.len()
         )));
     }
+    ctx.limits
+        .check_signing(&agent.spiffe_id.to_string(), req.items.len())?;
     let state = &ctx.state;
     let mut results = Vec::with_capacity(req.items.len());
     let mut records = Vec::with_capacity(req.items.len());
@@ -94,6 +96,7 @@ pub fn mint_jwt(
     agent: &Agent,
     req: &MintJwtRequest,
 ) -> ServiceResult<MintJwtResponse> {
+    ctx.limits.check_signing(&agent.spiffe_id.to_string(), 1)?;
     let state = &ctx.state;
     let entry = agent.authorize(ctx, &req.entry_id, state.now())?;
     let (token, expires_at, jti, key_id) =
