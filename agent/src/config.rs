@@ -66,6 +66,36 @@ pub struct RawAgent {
     pub log_level: Option<String>,
     /// Log format, `text` or `json`; default `text`.
     pub log_format: Option<String>,
+    /// Node attestor, `join_token` (default) or `x509pop`.
+    pub node_attestor: Option<String>,
+    /// `[agent.x509pop]`: the node certificate and key.
+    pub x509pop: Option<RawX509Pop>,
+}
+
+/// `[agent.x509pop]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawX509Pop {
+    /// PEM node certificate (leaf first, then any intermediates).
+    pub certificate_path: Option<PathBuf>,
+    /// PEM private key of the node certificate.
+    pub private_key_path: Option<PathBuf>,
+}
+
+/// How this agent attests its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestorConfig {
+    /// A single-use join token (`--join-token`, `MAYFLY_JOIN_TOKEN` or
+    /// `join_token`); low assurance, cannot attest again.
+    JoinToken,
+    /// A node certificate and proof of possession of its key; high
+    /// assurance, attests again whenever needed.
+    X509Pop {
+        /// PEM certificate chain, leaf first.
+        certificate_path: PathBuf,
+        /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+        private_key_path: PathBuf,
+    },
 }
 
 /// Log output format.
@@ -102,6 +132,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// The node attestor.
+    pub node_attestor: NodeAttestorConfig,
 }
 
 impl AgentConfig {
@@ -207,7 +239,44 @@ impl AgentConfig {
                 "must not be empty".into(),
             ));
         }
+        let node_attestor = match a.node_attestor.as_deref().unwrap_or("join_token") {
+            "join_token" => {
+                if a.x509pop.is_some() {
+                    return Err(invalid(
+                        "agent.x509pop",
+                        "is set but agent.node_attestor is join_token; set node_attestor = \"x509pop\""
+                            .into(),
+                    ));
+                }
+                NodeAttestorConfig::JoinToken
+            }
+            "x509pop" => {
+                let x = a.x509pop.unwrap_or_default();
+                let required = |key: &'static str, v: Option<PathBuf>| {
+                    v.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
+                        invalid(key, "is required with node_attestor = \"x509pop\"".into())
+                    })
+                };
+                NodeAttestorConfig::X509Pop {
+                    certificate_path: required(
+                        "agent.x509pop.certificate_path",
+                        x.certificate_path,
+                    )?,
+                    private_key_path: required(
+                        "agent.x509pop.private_key_path",
+                        x.private_key_path,
+                    )?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "agent.node_attestor",
+                    format!("must be join_token or x509pop, not {other:?}"),
+                ));
+            }
+        };
         Ok(Self {
+            node_attestor,
             trust_domain,
             server_address,
             data_dir,
@@ -309,6 +378,46 @@ mod tests {
         let c = AgentConfig::parse("[agent]\ninsecure_bootstrap = true\n", Path::new("a.toml"))
             .unwrap();
         assert!(c.check_bootstrap_trust(false).is_ok());
+    }
+
+    #[test]
+    fn x509pop_attestor() {
+        assert_eq!(
+            AgentConfig::development().node_attestor,
+            NodeAttestorConfig::JoinToken
+        );
+        let c = AgentConfig::parse(
+            "[agent]\nnode_attestor = \"x509pop\"\n[agent.x509pop]\ncertificate_path = \"n.pem\"\nprivate_key_path = \"n.key\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.node_attestor,
+            NodeAttestorConfig::X509Pop {
+                certificate_path: "n.pem".into(),
+                private_key_path: "n.key".into()
+            }
+        );
+        for (text, key) in [
+            ("node_attestor = \"tpm\"", "agent.node_attestor"),
+            (
+                "node_attestor = \"x509pop\"",
+                "agent.x509pop.certificate_path",
+            ),
+            (
+                "node_attestor = \"x509pop\"\n[agent.x509pop]\ncertificate_path = \"n.pem\"",
+                "agent.x509pop.private_key_path",
+            ),
+            (
+                "[agent.x509pop]\ncertificate_path = \"n.pem\"",
+                "agent.x509pop",
+            ),
+            ("[agent.x509pop]\ncolour = 1", "colour"),
+        ] {
+            let err =
+                AgentConfig::parse(&format!("[agent]\n{text}\n"), Path::new("a.toml")).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -11,11 +11,11 @@ use mayfly::clock::{Clock, SystemClock};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::attest::{JoinToken, JoinTokenAttestor, NodeAttestor};
+use crate::attest::{JoinToken, JoinTokenAttestor, NodeAttestor, X509PopAttestor};
 use crate::cache::Cache;
 use crate::client::tls::TrustAnchors;
 use crate::client::{ServerClient, TlsTransport};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, NodeAttestorConfig};
 use crate::health::{self, HealthState, OPERATOR_ACTION};
 use crate::storage::{self, Storage};
 use crate::sync::{self, Backoff, Syncer};
@@ -106,8 +106,33 @@ async fn run_until(
         cache.update(|s| s.bundle = Some(b));
     }
 
-    let attestor: Option<Arc<dyn NodeAttestor>> = resolve_join_token(join_token, &config)
-        .map(|t| Arc::new(JoinTokenAttestor::new(t)) as Arc<dyn NodeAttestor>);
+    let attestor: Option<Arc<dyn NodeAttestor>> = match &config.node_attestor {
+        NodeAttestorConfig::JoinToken => resolve_join_token(join_token, &config)
+            .map(|t| Arc::new(JoinTokenAttestor::new(t)) as Arc<dyn NodeAttestor>),
+        NodeAttestorConfig::X509Pop {
+            certificate_path,
+            private_key_path,
+        } => {
+            if join_token.is_some() {
+                tracing::warn!("ignoring --join-token: agent.node_attestor is x509pop");
+            }
+            Some(Arc::new(X509PopAttestor::new(
+                certificate_path.clone(),
+                private_key_path.clone(),
+            )))
+        }
+    };
+    // A re-attestable attestor is always available: for step-up, for
+    // renewal (by proving again) and for recovery.
+    let reattestable = attestor.clone().filter(|a| a.can_reattest());
+    if let Some(a) = &reattestable {
+        client.set_reattester(Arc::new(sync::Reenroll::new(
+            storage.clone(),
+            anchors.clone(),
+            cache.clone(),
+            Arc::clone(a),
+        )));
+    }
     let stored = match storage.load_agent_svid() {
         Ok(s) => s,
         Err(e) => {
@@ -189,6 +214,7 @@ async fn run_until(
             None
         }
     };
+    let recovery = recovery.or(reattestable);
 
     let health_listener = health::bind(config.health_address)
         .await
@@ -272,9 +298,15 @@ async fn attest_until_done(
             .downcast_ref::<crate::client::ClientError>()
             .is_some_and(crate::client::ClientError::is_unavailable);
         if !unreachable {
+            let hint = if attestor.can_reattest() {
+                "check the node certificate and key files and that the server trusts their CA \
+                 (server.node_attestors.x509pop.ca_bundle_path)"
+            } else {
+                "if the join token was used or has expired, create a new one with \
+                 `mayfly-server token generate`"
+            };
             return Err(err.context(format!(
-                "node attestation ({}) failed; if the join token was used or has expired, create a \
-                 new one with `mayfly-server token generate`",
+                "node attestation ({}) failed; {hint}",
                 attestor.name()
             )));
         }

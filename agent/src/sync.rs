@@ -500,6 +500,51 @@ pub async fn enroll(
     Ok(())
 }
 
+/// Attests again with a re-attestable attestor and stores the result: the
+/// client's [`crate::client::Reattest`] for step-up and renewal.
+#[derive(Debug)]
+pub struct Reenroll {
+    storage: Storage,
+    anchors: TrustAnchors,
+    cache: Cache,
+    attestor: Arc<dyn NodeAttestor>,
+}
+
+impl Reenroll {
+    /// Re-attests with `attestor`, storing into `storage`, `anchors` and `cache`.
+    pub fn new(
+        storage: Storage,
+        anchors: TrustAnchors,
+        cache: Cache,
+        attestor: Arc<dyn NodeAttestor>,
+    ) -> Self {
+        Self {
+            storage,
+            anchors,
+            cache,
+            attestor,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::client::Reattest for Reenroll {
+    async fn reattest(&self, client: &ServerClient) -> Result<(), ClientError> {
+        enroll(
+            client,
+            &self.storage,
+            &self.anchors,
+            &self.cache,
+            self.attestor.as_ref(),
+        )
+        .await
+        .map_err(|e| match e.downcast::<ClientError>() {
+            Ok(c) => c,
+            Err(other) => ClientError::Reattest(format!("{other:#}")),
+        })
+    }
+}
+
 /// The long-running sync task. Build it with [`Syncer::new`] and run it
 /// with [`Syncer::run`].
 pub struct Syncer {
@@ -532,9 +577,10 @@ impl std::fmt::Debug for Syncer {
 }
 
 impl Syncer {
-    /// A sync task for an attested `client`. `recovery` is an attestor not
-    /// used yet (a join token given at start while a stored SVID was
-    /// reused): it is tried once if the server rejects the stored identity.
+    /// A sync task for an attested `client`. `recovery` is an attestor to
+    /// attest again with if the server rejects the identity or it expires:
+    /// a join token given at start while a stored SVID was reused is tried
+    /// once; a re-attestable attestor (x509pop) every time.
     pub fn new(
         client: ServerClient,
         cache: Cache,
@@ -577,12 +623,17 @@ impl Syncer {
                     delay
                 }
                 Err(e) if e.needs_operator() => {
-                    if let Some(attestor) = self.recovery.take() {
+                    if let Some(attestor) = self.recovery.clone() {
+                        // A join token is used up by trying; a re-attestable
+                        // attestor stays available for the next time.
+                        if !attestor.can_reattest() {
+                            self.recovery = None;
+                        }
                         tracing::warn!(
                             error = %e,
                             attestor = attestor.name(),
-                            "the server does not accept the stored agent identity; attesting again \
-                             with the join token given at start"
+                            "the server does not accept the agent identity (or it expired); \
+                             attesting again"
                         );
                         match enroll(
                             &self.client,
@@ -613,7 +664,8 @@ impl Syncer {
                             }
                             Err(err) => tracing::error!(
                                 error = %err,
-                                "attestation with the join token given at start failed"
+                                attestor = attestor.name(),
+                                "attesting again failed"
                             ),
                         }
                     }
@@ -795,6 +847,24 @@ impl Syncer {
         let due = self.force_agent_renew || now >= agent_renew_at(&svid, Some(held_since));
         if !due || self.renew_retry_at.is_some_and(|t| now < t) {
             return Ok(None);
+        }
+        if self.client.can_reattest() {
+            // Re-attestable attestors renew by proving the node again, which
+            // also refreshes the node's attestation time on the server.
+            return match self.client.reattest_after(Some(&svid.serial_hex)).await {
+                Ok(()) => {
+                    self.renew_retry_at = None;
+                    self.force_agent_renew = false;
+                    tracing::info!("renewed the agent SVID by attesting again");
+                    Ok(Some(SessionEnd::Reconnect))
+                }
+                Err(e) if e.is_agent_rejected() => Err(e.into()),
+                Err(e) => {
+                    self.renew_retry_at = Some(now + RENEW_RETRY);
+                    tracing::warn!(error = %e, expires_at = %svid.expires_at, "renewing the agent SVID by attesting again failed; retrying");
+                    Ok(None)
+                }
+            };
         }
         match self.client.renew().await {
             Ok(new) => {

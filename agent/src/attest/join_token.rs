@@ -86,7 +86,7 @@ mod tests {
             b"s3cret-token"
         );
         assert!(!format!("{token:?} {attestor:?}").contains("s3cret"));
-        assert!(attestor.answer_challenge(b"x").await.is_err());
+        assert!(attestor.answer_challenge(b"x", b"csr").await.is_err());
         assert!(JoinToken::new(Zeroizing::new("  ".to_owned())).is_none());
     }
 }

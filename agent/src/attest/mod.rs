@@ -5,6 +5,7 @@
 //! is a small type behind the narrow [`NodeAttestor`] trait, used as `dyn`.
 
 pub mod join_token;
+pub mod x509pop;
 
 use mayfly::SpiffeId;
 use mayfly::x509::SvidInfo;
@@ -12,6 +13,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 pub use join_token::{JoinToken, JoinTokenAttestor};
+pub use x509pop::X509PopAttestor;
 
 /// Why evidence could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,14 @@ pub enum AttestError {
         /// The attestor's name.
         attestor: &'static str,
     },
+    /// The challenge could not be answered.
+    #[error("{attestor}: cannot answer the server's challenge: {message}")]
+    BadChallenge {
+        /// The attestor's name.
+        attestor: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 /// Gathers a node's attestation evidence. Implementations must never log or
@@ -40,12 +50,24 @@ pub trait NodeAttestor: Send + Sync + std::fmt::Debug {
     /// The attestor's name as the server knows it (`AttestParams.attestor`).
     fn name(&self) -> &'static str;
 
+    /// Whether this attestor can prove the node again at any time, without
+    /// an operator (then the agent re-attests instead of renewing, and
+    /// re-attests when the server asks for a fresh proof).
+    fn can_reattest(&self) -> bool {
+        false
+    }
+
     /// The evidence payload sent in `AttestParams.payload`.
     async fn evidence(&self) -> Result<Zeroizing<Vec<u8>>, AttestError>;
 
-    /// The answer to a server challenge. Attestors that need no challenge
-    /// keep the default, which refuses.
-    async fn answer_challenge(&self, _challenge: &[u8]) -> Result<Zeroizing<Vec<u8>>, AttestError> {
+    /// The answer to a server challenge, for the attestation whose CSR is
+    /// `csr_der`. Attestors that need no challenge keep the default, which
+    /// refuses.
+    async fn answer_challenge(
+        &self,
+        _challenge: &[u8],
+        _csr_der: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, AttestError> {
         Err(AttestError::UnexpectedChallenge {
             attestor: self.name(),
         })

@@ -144,24 +144,27 @@ impl X509PopAttestor {
 
     /// The certificate chain, DER, leaf first.
     pub fn read_chain(&self) -> Result<Vec<Vec<u8>>, AttestError> {
-        crate::storage::read_pem_certificates(&self.certificate_path).map_err(|e| AttestError::NoEvidence {
-            attestor: Self::NAME,
-            message: format!("agent.x509pop.certificate_path: {e}"),
+        crate::storage::read_pem_certificates(&self.certificate_path).map_err(|e| {
+            AttestError::NoEvidence {
+                attestor: Self::NAME,
+                message: format!("agent.x509pop.certificate_path: {e}"),
+            }
         })
     }
 
     /// The private key, checked against the leaf certificate.
     pub fn read_key(&self) -> Result<NodeKey, AttestError> {
         let path = &self.private_key_path;
-        let text = Zeroizing::new(
-            std::fs::read(path).map_err(|e| self.no_evidence(path, format!("agent.x509pop.private_key_path: {e}")))?,
-        );
+        let text =
+            Zeroizing::new(std::fs::read(path).map_err(|e| {
+                self.no_evidence(path, format!("agent.x509pop.private_key_path: {e}"))
+            })?);
         let key = NodeKey::from_pem(&text)
             .map_err(|e| self.no_evidence(path, format!("agent.x509pop.private_key_path: {e}")))?;
         let chain = self.read_chain()?;
-        let leaf = chain.first().ok_or_else(|| {
-            self.no_evidence(&self.certificate_path, "no certificate")
-        })?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| self.no_evidence(&self.certificate_path, "no certificate"))?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| self.no_evidence(&self.certificate_path, e))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key() {
@@ -226,7 +229,10 @@ mod tests {
 
     use super::*;
 
-    fn write_node(dir: &Path, alg: &'static rcgen::SignatureAlgorithm) -> (PathBuf, PathBuf, KeyPair) {
+    fn write_node(
+        dir: &Path,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> (PathBuf, PathBuf, KeyPair) {
         let key = KeyPair::generate_for(alg).unwrap();
         let cert = CertificateParams::new(vec!["node".to_owned()])
             .unwrap()
@@ -260,22 +266,33 @@ mod tests {
     fn sec1_and_pkcs1_keys_load() {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let pkcs8 = key.serialize_der();
-        let ec = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8).unwrap();
-        let sec1 = ec.private_key().as_der().unwrap();
+        let ec =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8).unwrap();
+        let sec1: aws_lc_rs::encoding::EcPrivateKeyRfc5915Der<'_> =
+            aws_lc_rs::encoding::AsDer::as_der(&ec.private_key()).unwrap();
         let pem_text = pem::encode(&pem::Pem::new("EC PRIVATE KEY", sec1.as_ref().to_vec()));
         let loaded = NodeKey::from_pem(pem_text.as_bytes()).unwrap();
         assert_eq!(loaded.public_key(), ec.public_key().as_ref());
 
         let rsa = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let pair = RsaKeyPair::from_pkcs8(&rsa.serialize_der()).unwrap();
-        // The PKCS#1 form is inside the PKCS#8 one; aws-lc-rs reads both via from_der.
-        let pkcs1 = pem::encode(&pem::Pem::new("RSA PRIVATE KEY", rsa.serialize_der()));
+        // PKCS#8 PrivateKeyInfo = SEQUENCE { version, algorithm, privateKey OCTET STRING
+        // holding the PKCS#1 RSAPrivateKey }.
+        let pkcs8 = rsa.serialize_der();
+        let (_, info) = x509_parser::der_parser::parse_der(&pkcs8).unwrap();
+        let seq = info.as_sequence().unwrap();
+        let inner = seq[2].as_slice().unwrap().to_vec();
+        let pkcs1 = pem::encode(&pem::Pem::new("RSA PRIVATE KEY", inner));
         let loaded = NodeKey::from_pem(pkcs1.as_bytes()).unwrap();
         assert_eq!(loaded.public_key(), pair.public_key().as_ref());
 
         assert!(NodeKey::from_pem(b"nonsense").is_err());
         let wrong = pem::encode(&pem::Pem::new("CERTIFICATE", vec![1, 2, 3]));
-        assert!(NodeKey::from_pem(wrong.as_bytes()).unwrap_err().contains("CERTIFICATE"));
+        assert!(
+            NodeKey::from_pem(wrong.as_bytes())
+                .unwrap_err()
+                .contains("CERTIFICATE")
+        );
     }
 
     #[tokio::test]

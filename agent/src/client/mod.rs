@@ -35,6 +35,11 @@ const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a unary call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// gRPC metadata key the server sets (to `required`) on a
+/// `FailedPrecondition` that asks the agent to attest again (step-up). The
+/// server's definition is `mayfly_server::node::status::REATTEST_METADATA`.
+pub const REATTEST_METADATA: &str = "mayfly-reattest";
+
 /// Why a node API call failed. The first three variants are the server
 /// refusing this agent itself; they need an operator (see their messages).
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +62,18 @@ pub enum ClientError {
         /// What failed (including TLS verification failures).
         message: String,
     },
+    /// The server asks for a fresh node attestation before it issues this
+    /// credential (an entry with `max_attestation_age`).
+    #[error("{call}: the server asks this agent to attest again: {message}")]
+    ReattestRequired {
+        /// The call.
+        call: &'static str,
+        /// The server's message (names the entry and the age).
+        message: String,
+    },
+    /// Attesting again (step-up or renewal by re-attestation) failed.
+    #[error("attesting again failed: {0}")]
+    Reattest(String),
     /// The server refused the call for another reason.
     #[error("{call}: the server refused: {code:?}: {message}")]
     Refused {
@@ -100,6 +117,14 @@ impl ClientError {
             }
             Code::Unauthenticated => Self::NotAttested(message),
             Code::PermissionDenied if status.message().contains("banned") => Self::Banned(message),
+            Code::FailedPrecondition
+                if status
+                    .metadata()
+                    .get(REATTEST_METADATA)
+                    .is_some_and(|v| v == "required") =>
+            {
+                Self::ReattestRequired { call, message }
+            }
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                 Self::Unavailable { call, message }
             }
@@ -140,6 +165,15 @@ fn status_message(status: &tonic::Status) -> String {
         source = e.source();
     }
     message
+}
+
+/// Proves the node again and switches the client to the new agent SVID
+/// (storing it first). Installed with [`ServerClient::set_reattester`] when
+/// the agent's attestor can attest again.
+#[tonic::async_trait]
+pub trait Reattest: Send + Sync + std::fmt::Debug {
+    /// Attests again; on success the client presents the new SVID.
+    async fn reattest(&self, client: &ServerClient) -> Result<(), ClientError>;
 }
 
 /// How the client reaches the server: makes channels. The TLS transport is
@@ -285,6 +319,10 @@ struct Inner {
     last_contact: Mutex<Option<time::OffsetDateTime>>,
     /// Why the server last refused the agent itself, until a call succeeds.
     rejected: Mutex<Option<String>>,
+    /// How to attest again, when the attestor can.
+    reattester: Mutex<Option<Arc<dyn Reattest>>>,
+    /// Held while re-attesting: concurrent callers wait for one attestation.
+    reattesting: tokio::sync::Mutex<()>,
 }
 
 /// The node API client. Cheap to clone; clones share the identity and the
@@ -307,6 +345,8 @@ impl ServerClient {
                 reachable: AtomicBool::new(false),
                 last_contact: Mutex::new(None),
                 rejected: Mutex::new(None),
+                reattester: Mutex::new(None),
+                reattesting: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -332,6 +372,65 @@ impl ServerClient {
         *self.lock_channel() = None;
         self.set_rejected(None);
         self.inner.identity.send_replace(Some(Arc::new(svid)));
+    }
+
+    /// Lets the client attest again by itself (step-up, renewal by
+    /// re-attestation). Only for attestors that can prove the node again.
+    pub fn set_reattester(&self, reattester: Arc<dyn Reattest>) {
+        *self
+            .inner
+            .reattester
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reattester);
+    }
+
+    /// Whether this client can attest again by itself.
+    pub fn can_reattest(&self) -> bool {
+        self.reattester().is_some()
+    }
+
+    fn reattester(&self) -> Option<Arc<dyn Reattest>> {
+        self.inner
+            .reattester
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Attests again, once for every caller that saw the SVID with serial
+    /// `stale_serial` refused: callers that arrive while an attestation
+    /// runs wait for it, and find the identity already replaced.
+    pub async fn reattest_after(&self, stale_serial: Option<&str>) -> Result<(), ClientError> {
+        let reattester = self.reattester().ok_or_else(|| {
+            ClientError::Reattest("this agent's attestor cannot attest again".into())
+        })?;
+        let _one_at_a_time = self.inner.reattesting.lock().await;
+        let current = self.identity().map(|s| s.serial_hex.clone());
+        if current.is_some() && current.as_deref() != stale_serial {
+            return Ok(());
+        }
+        reattester.reattest(self).await
+    }
+
+    /// Runs `call`; when the server answers that the node must attest again
+    /// and this client can, attests again (single-flight) and retries once.
+    async fn with_step_up<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let serial = self.identity().map(|s| s.serial_hex.clone());
+        match call().await {
+            Err(ClientError::ReattestRequired {
+                call: name,
+                message,
+            }) if self.can_reattest() => {
+                tracing::info!(call = name, server_message = %message, "the server asks for a fresh node attestation; attesting again");
+                self.reattest_after(serial.as_deref()).await?;
+                call().await
+            }
+            other => other,
+        }
     }
 
     /// Why the server refused this agent itself (not attested, superseded,
@@ -460,7 +559,7 @@ impl ServerClient {
                     })?;
                 match msg.step {
                     Some(pb::attest_response::Step::Challenge(challenge)) => {
-                        let answer = attestor.answer_challenge(&challenge).await?;
+                        let answer = attestor.answer_challenge(&challenge, &key.csr_der).await?;
                         tx.send(pb::AttestRequest {
                             step: Some(pb::attest_request::Step::ChallengeResponse(
                                 answer.to_vec(),
@@ -590,7 +689,17 @@ impl ServerClient {
     }
 
     /// X.509-SVIDs for a batch of CSRs.
+    /// When the server asks for a fresh node attestation and this agent can
+    /// attest again, it does (once for all concurrent callers) and retries.
     pub async fn sign_x509(
+        &self,
+        items: Vec<pb::X509SignItem>,
+    ) -> Result<Vec<pb::X509SignResult>, ClientError> {
+        self.with_step_up(|| self.sign_x509_once(items.clone()))
+            .await
+    }
+
+    async fn sign_x509_once(
         &self,
         items: Vec<pb::X509SignItem>,
     ) -> Result<Vec<pb::X509SignResult>, ClientError> {
@@ -615,7 +724,18 @@ impl ServerClient {
 
     /// A JWT-SVID for an entry, issued to the task `task_id` (empty: shared): the server's
     /// answer with the token, its expiry and its `jti`.
+    /// Step-up as for [`ServerClient::sign_x509`].
     pub async fn mint_task_jwt(
+        &self,
+        entry_id: &EntryId,
+        audience: &[String],
+        task_id: &str,
+    ) -> Result<pb::MintJwtResponse, ClientError> {
+        self.with_step_up(|| self.mint_task_jwt_once(entry_id, audience, task_id))
+            .await
+    }
+
+    async fn mint_task_jwt_once(
         &self,
         entry_id: &EntryId,
         audience: &[String],
@@ -688,6 +808,9 @@ impl From<ClientError> for tonic::Status {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Refused { code, message, .. } => tonic::Status::new(code, message),
+            ClientError::ReattestRequired { message, .. } => tonic::Status::permission_denied(
+                format!("{message} (this agent cannot attest again by itself)"),
+            ),
             other => tonic::Status::unavailable(format!(
                 "the agent cannot get this credential from the server right now: {other}"
             )),
@@ -730,6 +853,28 @@ mod tests {
         ));
         assert!(!refused.is_agent_rejected());
         assert!(c(tonic::Status::unavailable("down")).is_unavailable());
+        // Step-up: FailedPrecondition with the re-attest metadata, and only then.
+        let mut step_up = tonic::Status::failed_precondition(
+            "entry e1 (spiffe://td/db) requires a node attestation within 30s; attest again",
+        );
+        step_up.metadata_mut().insert(
+            REATTEST_METADATA,
+            tonic::metadata::MetadataValue::from_static("required"),
+        );
+        let e = c(step_up);
+        assert!(
+            matches!(&e, ClientError::ReattestRequired { message, .. } if message.contains("within 30s")),
+            "{e:?}"
+        );
+        assert!(!e.is_agent_rejected() && !e.is_unavailable());
+        assert_eq!(tonic::Status::from(e).code(), Code::PermissionDenied);
+        assert!(matches!(
+            c(tonic::Status::failed_precondition("something else")),
+            ClientError::Refused {
+                code: Code::FailedPrecondition,
+                ..
+            }
+        ));
         assert!(c(tonic::Status::unauthenticated("x")).is_agent_rejected());
         // Workloads see the server's refusal about an entry, and Unavailable otherwise.
         assert_eq!(tonic::Status::from(refused).code(), Code::PermissionDenied);
