@@ -417,6 +417,34 @@ impl Agent {
         })
     }
 
+    /// Starts an agent that attests with `x509pop`, presenting `cert_pem`
+    /// (node certificate chain, leaf first) and proving possession of
+    /// `key_pem`, and waits until it serves. The server must have
+    /// `[server.node_attestors.x509pop]` (see [`x509pop_server_toml`]). Its
+    /// SPIFFE ID is derived from the leaf, as the server does.
+    pub fn start_x509pop(server: &Server, cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-e2e-agent-x509pop")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let cert_path = dir.join("node.pem");
+        let key_path = dir.join("node.key");
+        std::fs::write(&cert_path, cert_pem)?;
+        std::fs::write(&key_path, key_pem)?;
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("node certificate PEM: {e}"))?;
+        let td = mayfly::TrustDomain::new(TRUST_DOMAIN)?;
+        let spiffe_id = mayfly::x509pop::agent_id(&td, &leaf.contents)?.to_string();
+        let extra = format!(
+            "node_attestor = \"x509pop\"\n[agent.x509pop]\ncertificate_path = \"{}\"\nprivate_key_path = \"{}\"\n",
+            cert_path.display(),
+            key_path.display()
+        );
+        let mut a = Self::start_in_with(server, &dir, None, &spiffe_id, &extra)?;
+        a._tmp = Some(tmp);
+        Ok(a)
+    }
+
     /// The endpoint string SPIFFE clients take (`unix:/path`).
     pub fn endpoint(&self) -> String {
         format!("unix:{}", self.socket.display())
@@ -431,6 +459,16 @@ impl Agent {
             .output()
             .expect("run mayfly-agent cli")
     }
+}
+
+/// Server configuration (for `Server::start_with`) that enables the
+/// `x509pop` node attestor with the CA certificates in `ca_pem_path`. It
+/// opens a table, so put it last.
+pub fn x509pop_server_toml(ca_pem_path: &Path) -> String {
+    format!(
+        "[server.node_attestors.x509pop]\nca_bundle_path = \"{}\"\n",
+        ca_pem_path.display()
+    )
 }
 
 /// `extra_toml` as whole lines (ending in a newline when not empty).
