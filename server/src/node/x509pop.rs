@@ -91,7 +91,7 @@ impl TrustedCas {
             .filter(|p| p.tag() == "CERTIFICATE")
             .map(pem::Pem::into_contents)
             .collect();
-        Self::from_der(ders).map_err(|e| bad(e))
+        Self::from_der(ders).map_err(bad)
     }
 
     /// CA certificates from DER; each must be a CA certificate.
@@ -402,7 +402,12 @@ mod tests {
     fn a_good_chain_verifies_with_its_selectors() {
         let ca1 = ca("ca1");
         let (leaf, _) = node(&ca1);
-        let v = verify_chain(&cas(&[&ca("other"), &ca1]), &[leaf.clone()], now()).unwrap();
+        let v = verify_chain(
+            &cas(&[&ca("other"), &ca1]),
+            std::slice::from_ref(&leaf),
+            now(),
+        )
+        .unwrap();
         assert_eq!(
             v.ca_fingerprint,
             mayfly::x509pop::fingerprint(ca1.cert.der())
@@ -462,7 +467,7 @@ mod tests {
             p.not_before = now() - time::Duration::days(10);
             p.not_after = now() - time::Duration::days(1);
         });
-        let err = verify_chain(&cas(&[&ca1]), &[expired.clone()], now()).unwrap_err();
+        let err = verify_chain(&cas(&[&ca1]), std::slice::from_ref(&expired), now()).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
         // Validity is judged at the injected time.
         assert!(verify_chain(&cas(&[&ca1]), &[expired], now() - time::Duration::days(5)).is_ok());
