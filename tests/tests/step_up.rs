@@ -192,3 +192,66 @@ async fn max_attestation_age_reattests_the_x509pop_agent_and_refuses_the_join_to
         "the agent log does not show the reason:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_x509pop_agent_attests_again_by_itself_and_a_banned_one_cannot() {
+    let s = setup();
+    let agent = &s.x509pop_agent;
+    create_entry(&s.server, "web", &agent.spiffe_id, &[]);
+    wait_for(
+        "the x509pop agent to serve",
+        Duration::from_secs(20),
+        || fetch_x509_child(&agent.socket, None).ok(),
+    )
+    .unwrap();
+
+    let out = s.server.cli(&["agent", "evict", &agent.spiffe_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No operator needed: the agent notices, attests again with the same
+    // certificate (same ID) and serves new workloads.
+    wait_for("the agent to attest again", Duration::from_secs(30), || {
+        let shown = s
+            .server
+            .cli_json(&["agent", "show", &agent.spiffe_id])
+            .ok()?;
+        (shown.to_string().contains("x509pop")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.proc.log_text()));
+    let svid = wait_for(
+        "a fresh workload to be served",
+        Duration::from_secs(20),
+        || fetch_x509_child(&agent.socket, None).ok(),
+    )
+    .unwrap();
+    assert_eq!(svid.spiffe_id, format!("spiffe://{TRUST_DOMAIN}/web"));
+    assert!(agent.proc.log_text().contains("attesting again"));
+
+    // A ban sticks: the agent is refused and cannot attest its way back.
+    let out = s.server.cli(&["agent", "ban", &agent.spiffe_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the ban to reach the agent",
+        Duration::from_secs(30),
+        || {
+            agent
+                .proc
+                .log_text()
+                .contains("banned agents can never attest again")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.proc.log_text()));
+    let shown = s
+        .server
+        .cli_json(&["agent", "show", &agent.spiffe_id])
+        .unwrap();
+    assert_eq!(shown["banned"], true, "{shown}");
+}
