@@ -635,15 +635,25 @@ impl Syncer {
                             "the server does not accept the agent identity (or it expired); \
                              attesting again"
                         );
-                        match enroll(
-                            &self.client,
-                            &self.storage,
-                            &self.anchors,
-                            &self.cache,
-                            attestor.as_ref(),
-                        )
-                        .await
-                        {
+                        // Through the client's single-flight path when it has one,
+                        // so that a concurrent step-up does not attest twice.
+                        let attempt = if attestor.can_reattest() && self.client.can_reattest() {
+                            let stale = self.client.identity().map(|s| s.serial_hex.clone());
+                            self.client
+                                .reattest_after(stale.as_deref())
+                                .await
+                                .map_err(anyhow::Error::from)
+                        } else {
+                            enroll(
+                                &self.client,
+                                &self.storage,
+                                &self.anchors,
+                                &self.cache,
+                                attestor.as_ref(),
+                            )
+                            .await
+                        };
+                        match attempt {
                             Ok(()) => {
                                 backoff.reset();
                                 continue;

@@ -821,6 +821,96 @@ impl From<ClientError> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Debug)]
+    struct NoTransport;
+    impl Transport for NoTransport {
+        fn channel(&self, _: Option<&AgentSvid>, _: bool) -> Result<Channel, ClientError> {
+            Err(ClientError::NoIdentity)
+        }
+    }
+
+    fn agent_svid() -> AgentSvid {
+        use mayfly::x509::{CaParams, SvidParams, VerifiedCsr, X509Authority, new_key_and_csr};
+        let now = time::OffsetDateTime::now_utc();
+        let ca = X509Authority::generate(
+            &CaParams {
+                trust_domain: TrustDomain::new("example.org").unwrap(),
+                ttl: time::Duration::hours(1),
+                subject: "T".into(),
+            },
+            now,
+        )
+        .unwrap();
+        let k = new_key_and_csr().unwrap();
+        let id = SpiffeId::new("spiffe://example.org/mayfly/agent/x509pop/ab").unwrap();
+        let der = ca
+            .sign_svid(
+                &VerifiedCsr::from_der(&k.csr_der).unwrap(),
+                &SvidParams {
+                    spiffe_id: &id,
+                    dns_names: &[],
+                    ttl: time::Duration::minutes(10),
+                },
+                now,
+            )
+            .unwrap()
+            .der;
+        AgentSvid::new(vec![der], k.key_pkcs8).unwrap()
+    }
+
+    /// Counts attestations; each takes a while and installs a new SVID.
+    #[derive(Debug, Default)]
+    struct CountingReattest(AtomicUsize);
+
+    #[tonic::async_trait]
+    impl Reattest for CountingReattest {
+        async fn reattest(&self, client: &ServerClient) -> Result<(), ClientError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.set_identity(agent_svid());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_step_ups_share_one_attestation() {
+        let client = ServerClient::new(
+            TrustDomain::new("example.org").unwrap(),
+            Arc::new(NoTransport),
+        );
+        assert!(!client.can_reattest());
+        assert!(matches!(
+            client.reattest_after(None).await,
+            Err(ClientError::Reattest(_))
+        ));
+        client.set_identity(agent_svid());
+        let stale = client.identity().unwrap().serial_hex.clone();
+        let counter = Arc::new(CountingReattest::default());
+        client.set_reattester(counter.clone());
+        assert!(client.can_reattest());
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let c = client.clone();
+                let stale = stale.clone();
+                tokio::spawn(async move { c.reattest_after(Some(&stale)).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "one attestation for all"
+        );
+        assert_ne!(client.identity().unwrap().serial_hex, stale);
+        // A caller that saw the new SVID refused attests again.
+        let current = client.identity().unwrap().serial_hex.clone();
+        client.reattest_after(Some(&current)).await.unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn statuses_are_classified_as_the_contract_says() {
