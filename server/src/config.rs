@@ -78,6 +78,9 @@ pub struct RawNodeAttestors {
 pub struct RawX509Pop {
     /// PEM file of the CA certificates node certificates must chain to.
     pub ca_bundle_path: Option<PathBuf>,
+    /// Template of the agent ID path after `/mayfly/agent/x509pop/`;
+    /// default `{fingerprint}`.
+    pub agent_path: Option<String>,
 }
 
 /// `[server.rate_limits]` table. `0` disables a limit.
@@ -107,6 +110,8 @@ pub struct X509PopConfig {
     /// PEM CA certificates that node certificates must chain to. Re-read at
     /// every attestation, so that the CA set can change without a restart.
     pub ca_bundle_path: PathBuf,
+    /// How the agent ID is derived from the node certificate.
+    pub agent_path: mayfly::x509pop::AgentPath,
 }
 
 /// Per-identity rate limits (`0` = unlimited). Keys are agent SPIFFE IDs
@@ -266,6 +271,12 @@ impl ServerConfig {
                             .into(),
                     )
                 })?,
+                agent_path: match x.agent_path {
+                    None => mayfly::x509pop::AgentPath::default(),
+                    Some(t) => t
+                        .parse()
+                        .map_err(|e| invalid("server.node_attestors.x509pop.agent_path", e))?,
+                },
             }),
         };
         let defaults = RateLimitConfig::default();
@@ -388,13 +399,27 @@ mod tests {
             Path::new("s.toml"),
         )
         .unwrap();
-        assert_eq!(
-            c.x509pop.unwrap().ca_bundle_path,
-            PathBuf::from("/etc/ca.pem")
-        );
+        let x = c.x509pop.unwrap();
+        assert_eq!(x.ca_bundle_path, PathBuf::from("/etc/ca.pem"));
+        assert_eq!(x.agent_path, mayfly::x509pop::AgentPath::default());
         assert_eq!(c.rate_limits.attestations_per_minute, 0);
         assert_eq!(c.rate_limits.signings_per_second, 2);
         assert_eq!(c.rate_limits.signing_burst, 3);
+        let c = ServerConfig::parse(
+            "[server.node_attestors.x509pop]\nca_bundle_path = \"a\"\nagent_path = \"{subject_cn}\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.x509pop.unwrap().agent_path,
+            "{subject_cn}".parse().unwrap()
+        );
+        let err = ServerConfig::parse(
+            "[server.node_attestors.x509pop]\nca_bundle_path = \"a\"\nagent_path = \"{cn}\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("agent_path"), "{err}");
         let err = ServerConfig::parse("[server.node_attestors.x509pop]\n", Path::new("s.toml"))
             .unwrap_err();
         assert!(err.to_string().contains("ca_bundle_path"), "{err}");

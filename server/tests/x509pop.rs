@@ -15,6 +15,7 @@ use mayfly::proto::node::{
     X509SignItem, attest_request, attest_response,
 };
 use mayfly::x509::{KeyAndCsr, new_key_and_csr};
+use mayfly::x509pop::AgentPath;
 use mayfly_server::config::{RateLimitConfig, ServerConfig, X509PopConfig};
 use mayfly_server::run::{RunningServer, run};
 use mayfly_server::state::ServerState;
@@ -109,6 +110,10 @@ struct TestServer {
 
 impl TestServer {
     async fn start(limits: RateLimitConfig) -> Self {
+        Self::start_with_path(limits, Default::default()).await
+    }
+
+    async fn start_with_path(limits: RateLimitConfig, agent_path: AgentPath) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new("node-ca");
         let ca_path = dir.path().join("node-ca.pem");
@@ -120,6 +125,7 @@ impl TestServer {
         config.admin_socket_path = dir.path().join("admin.sock");
         config.x509pop = Some(X509PopConfig {
             ca_bundle_path: ca_path,
+            agent_path,
         });
         config.rate_limits = limits;
         let server = run(config, std::future::pending()).await.unwrap();
@@ -514,4 +520,24 @@ async fn rate_limits_answer_resource_exhausted_per_identity() {
         .sign_x509(sign_items(&other_entry, 1))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_path_template_names_the_agent_by_its_common_name() {
+    let t = TestServer::start_with_path(generous(), "node-{subject_cn}".parse().unwrap()).await;
+    let mut anon = t.client(None).await;
+    let svid = attest_x509pop(&mut anon, &t.pki.node("web-7"), Answer::Honest)
+        .await
+        .unwrap();
+    assert_eq!(
+        svid.spiffe_id,
+        "spiffe://example.org/mayfly/agent/x509pop/node-web-7"
+    );
+    // A CN that cannot be a path segment is refused with the reason.
+    let err = attest_x509pop(&mut anon, &t.pki.node("bad name"), Answer::Honest)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("agent_path"), "{}", err.message());
 }

@@ -131,8 +131,14 @@ async fn x509pop_attest(
         })?;
         let cas = TrustedCas::load(&cfg.ca_bundle_path)?;
         let verified = x509pop::verify_chain(&cas, &evidence.chain, state.now())?;
-        let agent_id = mayfly::x509pop::agent_id(state.trust_domain(), &verified.leaf_der)
-            .map_err(|e| ServiceError::Internal(format!("agent id for x509pop: {e}")))?;
+        let agent_id = cfg
+            .agent_path
+            .agent_id(state.trust_domain(), &verified.path_facts())
+            .map_err(|e| {
+                ServiceError::PermissionDenied(format!(
+                    "no agent ID for this node certificate (server.node_attestors.x509pop.agent_path): {e}"
+                ))
+            })?;
         let key = agent_id.to_string();
         task_ctx.limits.check_attestation(&key)?;
         if state.store.get_node(&key)?.is_some_and(|n| n.banned) {

@@ -131,6 +131,22 @@ pub struct VerifiedNode {
     pub ca_fingerprint: String,
     /// The node selectors (`x509pop:...`).
     pub selectors: SelectorSet,
+    /// The leaf's subject common name, if any.
+    pub subject_cn: Option<String>,
+    /// The leaf's serial number, hex.
+    pub serial_hex: String,
+}
+
+impl VerifiedNode {
+    /// What an agent path template can use.
+    pub fn path_facts(&self) -> mayfly::x509pop::PathFacts<'_> {
+        mayfly::x509pop::PathFacts {
+            leaf_der: &self.leaf_der,
+            ca_fingerprint: &self.ca_fingerprint,
+            subject_cn: self.subject_cn.as_deref(),
+            serial_hex: &self.serial_hex,
+        }
+    }
 }
 
 /// Verifies `chain` (DER, leaf first) against `cas` at `now`.
@@ -195,10 +211,17 @@ pub fn verify_chain(
     }
     let ca_fingerprint = mayfly::x509pop::fingerprint(ca_der);
     let selectors = selectors(&cert, &ca_fingerprint);
+    let subject_cn = cert
+        .subject()
+        .iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+        .map(str::to_owned);
     Ok(VerifiedNode {
         leaf_der: leaf_der.clone(),
         ca_fingerprint,
         selectors,
+        subject_cn,
+        serial_hex: hex::encode(cert.raw_serial()),
     })
 }
 
