@@ -107,6 +107,26 @@ impl ServerState {
         Ok(node)
     }
 
+    /// Lifts an agent's ban: it is served again with the SVID it holds (if
+    /// still valid and current) or after attesting again. Credentials
+    /// revoked by the ban stay revoked. Not banned → `FailedPrecondition`.
+    pub fn unban_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
+        let node = self
+            .update_node(&id.to_string(), |n| {
+                if !n.banned {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "agent {id} is not banned"
+                    )));
+                }
+                n.banned = false;
+                Ok(())
+            })?
+            .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
+        self.notify_node(&node.spiffe_id.to_string());
+        tracing::warn!(agent = %id, "agent unbanned");
+        Ok(node)
+    }
+
     /// Evicts an agent: its record is deleted, so that its next call is
     /// refused and it must attest again; everything issued to it is
     /// revoked. Returns the removed record.
@@ -162,6 +182,17 @@ mod tests {
         assert!(state.ban_agent(&full).unwrap().banned);
         assert!(state.get_agent(&full).unwrap().banned);
         assert!(events.try_recv().is_ok());
+
+        assert!(matches!(
+            state.unban_agent(&a.spiffe_id),
+            Ok(NodeRecord { banned: false, .. })
+        ));
+        assert!(!state.get_agent(&full).unwrap().banned);
+        assert!(matches!(
+            state.unban_agent(&full),
+            Err(ServiceError::FailedPrecondition(_))
+        ));
+        state.ban_agent(&full).unwrap();
 
         state.evict_agent(&full).unwrap();
         assert!(matches!(
