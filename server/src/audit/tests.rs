@@ -12,7 +12,7 @@ fn event(n: u64) -> AuditEvent {
             "unix:uid:1000",
             "unix_peer_credentials",
         ),
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             "node.attest"
         } else {
             "admin.GET /v1/entries"
