@@ -194,9 +194,15 @@ async fn an_unbanned_agent_is_served_again_and_both_are_audited() {
         || agent.proc.log_text().contains("banned").then_some(()),
     )
     .unwrap();
-    // Restarted while banned, the agent is refused, and that is audited.
+    // The ban survives a server restart; the agent, restarted while
+    // banned, is refused, and that is audited (the chain continues).
     let mut agent = agent;
     agent.proc.kill();
+    let first = server;
+    first.proc.terminate();
+    let mut first = first;
+    first.proc.wait_exit(Duration::from_secs(20)).unwrap();
+    let server = Server::start_in(&first.dir, first.port()).unwrap();
     let (mut banned, _, _) = Agent::spawn_in(&server, &agent.dir, None).unwrap();
     let refused = wait_for(
         "a refused call in the audit log",
