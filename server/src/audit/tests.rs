@@ -116,3 +116,41 @@ fn tampering_in_the_store_is_named_by_seq() {
         (Some(5), Some(Problem::Truncated))
     );
 }
+
+#[test]
+fn concurrent_appends_are_batched_into_one_intact_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let log = Arc::new(AuditLog::open(Arc::clone(&store), Some(&file)).unwrap());
+    let t = OffsetDateTime::now_utc();
+    let threads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for n in 0..25u64 {
+                    // Two events of one call are consecutive in the chain.
+                    let r = log
+                        .append(t, vec![event(i * 100 + n), event(i * 100 + n)])
+                        .unwrap();
+                    assert_eq!(r.len(), 2);
+                    assert_eq!(r[1].seq, r[0].seq + 1);
+                    assert_eq!(r[1].prev_hash, r[0].hash);
+                    seqs.extend(r.iter().map(|r| r.seq));
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=400).collect::<Vec<_>>());
+    assert_eq!(log.head().seq, 400);
+    let report = log.quiesced(|_| verify_store(store.as_ref(), Some(&file)).unwrap());
+    assert!(report.ok && report.file_checked, "{report:?}");
+    assert_eq!(report.records, 400);
+}
