@@ -21,8 +21,10 @@ use super::error::ApiError;
 use super::{AppState, blocking};
 use crate::audit::{Actor, ActorKind, AuditEvent, Decision, Outcome};
 
-/// Error bodies larger than this are not read for the audit message.
-const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The largest error body read for the audit message. Error bodies are
+/// small, except a failed batch's per-item results, which are bounded by
+/// the request body limit.
+const MAX_ERROR_BODY: usize = 4 * super::BODY_LIMIT;
 
 /// Requests that are not audited: probes and the API description.
 fn unaudited(method: &Method, path: &str) -> bool {
@@ -74,18 +76,24 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .await
         {
             Ok(c) => c.to_bytes(),
-            Err(_) => Default::default(),
+            Err(e) => {
+                let text = serde_json::json!({ "error": {
+                    "code": "internal",
+                    "message": format!("cannot read the error answer: {e}"),
+                }});
+                bytes::Bytes::from(text.to_string())
+            }
         };
         let parsed = serde_json::from_slice::<Envelope>(&bytes).ok();
         let (message, reasons) = parsed.map_or_else(
             || (Some(format!("HTTP {}", status.as_u16())), Vec::new()),
             |e| (e.error.message, e.error.reasons),
         );
-        (
-            Response::from_parts(parts, Body::from(bytes)),
-            message,
-            reasons,
-        )
+        let mut resp = Response::from_parts(parts, Body::from(bytes));
+        // The body was re-wrapped: let hyper compute its length again.
+        resp.headers_mut()
+            .remove(axum::http::header::CONTENT_LENGTH);
+        (resp, message, reasons)
     } else {
         (resp, None, Vec::new())
     };
