@@ -62,6 +62,9 @@ pub struct RawServer {
     /// `[server.rate_limits]`: per-identity limits on attestation and signing.
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    /// JSON-lines copy of the audit log; default `<data_dir>/audit.jsonl`;
+    /// `""` turns the file off (the store copy is always kept).
+    pub audit_log_path: Option<PathBuf>,
 }
 
 /// `[server.node_attestors]` table.
@@ -176,6 +179,31 @@ pub struct ServerConfig {
     pub x509pop: Option<X509PopConfig>,
     /// Per-identity rate limits.
     pub rate_limits: RateLimitConfig,
+    /// Where audit records are copied as JSON lines; see
+    /// [`ServerConfig::audit_log_file`].
+    pub audit_log_path: AuditLogPath,
+}
+
+/// `audit_log_path` as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditLogPath {
+    /// `<data_dir>/audit.jsonl` (follows `data_dir` when it is changed).
+    Default,
+    /// No file: the store copy only.
+    Off,
+    /// This file.
+    File(PathBuf),
+}
+
+impl ServerConfig {
+    /// The JSON-lines audit file, `None` when turned off.
+    pub fn audit_log_file(&self) -> Option<PathBuf> {
+        match &self.audit_log_path {
+            AuditLogPath::Default => Some(self.data_dir.join("audit.jsonl")),
+            AuditLogPath::Off => None,
+            AuditLogPath::File(p) => Some(p.clone()),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -260,6 +288,20 @@ impl ServerConfig {
             Some(v) => ttl("server.jwt_key_ttl", Some(v), "")?,
             None => ca_ttl,
         };
+        let audit_log_path = match s.audit_log_path {
+            None => AuditLogPath::Default,
+            Some(p) if p.as_os_str().is_empty() => AuditLogPath::Off,
+            Some(p) if p.is_dir() => {
+                return Err(invalid(
+                    "server.audit_log_path",
+                    format!(
+                        "{} is a directory; name a file (or \"\" to turn the file off)",
+                        p.display()
+                    ),
+                ));
+            }
+            Some(p) => AuditLogPath::File(p),
+        };
         let x509pop = match s.node_attestors.x509pop {
             None => None,
             Some(x) => Some(X509PopConfig {
@@ -299,6 +341,7 @@ impl ServerConfig {
             ));
         }
         let cfg = Self {
+            audit_log_path,
             x509pop,
             rate_limits,
             trust_domain,
@@ -373,6 +416,24 @@ mod tests {
         assert!(
             ServerConfig::parse("[server]\njwt_key_ttl = \"1m\"\n", Path::new("s.toml")).is_ok()
         );
+    }
+
+    #[test]
+    fn audit_log_path_defaults_to_the_data_dir_and_can_be_turned_off() {
+        let c = ServerConfig::parse("[server]\ndata_dir = \"/d\"\n", Path::new("s.toml")).unwrap();
+        assert_eq!(c.audit_log_file(), Some(PathBuf::from("/d/audit.jsonl")));
+        let c =
+            ServerConfig::parse("[server]\naudit_log_path = \"\"\n", Path::new("s.toml")).unwrap();
+        assert_eq!(c.audit_log_file(), None);
+        let c = ServerConfig::parse(
+            "[server]\naudit_log_path = \"/var/log/a.jsonl\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.audit_log_file(), Some(PathBuf::from("/var/log/a.jsonl")));
+        let err = ServerConfig::parse("[server]\naudit_log_path = \"/\"\n", Path::new("s.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("server.audit_log_path"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! domain.
 
 pub mod admin;
+pub mod audit;
 pub mod authority;
 pub mod cli;
 pub mod config;

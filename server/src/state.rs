@@ -15,6 +15,7 @@ use mayfly::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
+use crate::audit::AuditLog;
 use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
@@ -96,6 +97,8 @@ pub struct ServerState {
     publish: Mutex<()>,
     /// Revoked credentials and the current CRLs.
     pub(crate) revocations: Revocations,
+    /// The hash-chained audit log (record with [`ServerState::audit`]).
+    pub audit: AuditLog,
 }
 
 impl ServerState {
@@ -117,6 +120,7 @@ impl ServerState {
         let server_id = mayfly::id::server_id(&config.trust_domain);
         let (events, _) = broadcast::channel(4096);
         let revocations = Revocations::load(store.as_ref(), clock.now())?;
+        let audit = AuditLog::open(Arc::clone(&store), config.audit_log_file().as_deref())?;
         let state = Self {
             config,
             server_id,
@@ -130,6 +134,7 @@ impl ServerState {
             revision: AtomicU64::new(revision),
             publish: Mutex::new(()),
             revocations,
+            audit,
         };
         // Drops what expired while stopped and signs the first CRLs.
         state.prune_revocations()?;

@@ -71,3 +71,13 @@ pub async fn evict(
     let node = blocking(state, move |s| s.evict_agent(&s.resolve_agent_id(&id)?)).await?;
     Ok(Json(node))
 }
+
+/// `POST /v1/agents/{id}/unban`: lifts a ban; answers with the record. The
+/// agent may call again with its current SVID (or attest again).
+pub async fn unban(
+    State(state): State<AppState>,
+    PathParam(id): PathParam,
+) -> Result<Json<NodeRecord>, ApiError> {
+    let node = blocking(state, move |s| s.unban_agent(&s.resolve_agent_id(&id)?)).await?;
+    Ok(Json(node))
+}

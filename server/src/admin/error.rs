@@ -33,6 +33,9 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable message; never contains secrets.
     pub message: String,
+    /// Ids of the policies behind a policy denial (empty otherwise); sent
+    /// in the body as `reasons` and recorded in the audit log.
+    pub reasons: Vec<String>,
 }
 
 /// The `error` member of an error body (also used for per-item results).
@@ -46,7 +49,15 @@ pub struct ErrorBody {
 
 #[derive(Serialize)]
 struct ErrorEnvelope {
-    error: ErrorBody,
+    error: EnvelopeBody,
+}
+
+#[derive(Serialize)]
+struct EnvelopeBody {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<String>,
 }
 
 impl ApiError {
@@ -56,6 +67,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_argument",
             message: message.into(),
+            reasons: Vec::new(),
         }
     }
 
@@ -65,6 +77,7 @@ impl ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
             message: message.into(),
+            reasons: Vec::new(),
         }
     }
 
@@ -100,10 +113,15 @@ impl From<ServiceError> for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %e, "admin request failed");
         }
+        let reasons = match &e {
+            ServiceError::PolicyDenied { reasons, .. } => reasons.clone(),
+            _ => Vec::new(),
+        };
         Self {
             status,
             code,
             message: e.to_string(),
+            reasons,
         }
     }
 }
@@ -118,6 +136,7 @@ impl From<BytesRejection> for ApiError {
                     "request body is larger than the limit of {} bytes",
                     super::BODY_LIMIT
                 ),
+                reasons: Vec::new(),
             }
         } else {
             Self::invalid(format!("cannot read the request body: {}", r.body_text()))
@@ -148,9 +167,10 @@ impl IntoResponse for ApiError {
         (
             self.status,
             Json(ErrorEnvelope {
-                error: ErrorBody {
+                error: EnvelopeBody {
                     code: self.code,
                     message: self.message,
+                    reasons: self.reasons,
                 },
             }),
         )
@@ -164,6 +184,7 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
         message: format!("no route for {}", uri.path()),
+        reasons: Vec::new(),
     }
 }
 
@@ -173,6 +194,7 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: "method_not_allowed",
         message: format!("{method} is not allowed on {}", uri.path()),
+        reasons: Vec::new(),
     }
 }
 

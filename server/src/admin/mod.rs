@@ -8,6 +8,8 @@
 //! service method (`crate::service`) on the blocking pool, and shape JSON.
 
 pub mod agents;
+pub mod audit;
+pub mod audit_log;
 pub mod authorities;
 pub mod bundle;
 pub mod caller;
@@ -65,6 +67,9 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/agents/{id}", get(agents::show)),
         ("/v1/agents/{id}/ban", post(agents::ban)),
         ("/v1/agents/{id}/evict", post(agents::evict)),
+        ("/v1/agents/{id}/unban", post(agents::unban)),
+        ("/v1/audit", get(audit_log::list)),
+        ("/v1/audit/verify", get(audit_log::verify)),
         ("/v1/bundle", get(bundle::show)),
         ("/v1/authorities", get(authorities::list)),
         ("/v1/authorities/{type}/prepare", post(authorities::prepare)),
@@ -85,6 +90,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
 
 /// The admin API as an axum router.
 pub fn router(state: Arc<ServerState>) -> Router {
+    let audited = Arc::clone(&state);
     routes()
         .into_iter()
         .fold(Router::new(), |r, (path, mr)| {
@@ -92,6 +98,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         })
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(audited, audit::record))
         .layer(axum::middleware::from_fn(caller::attach))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)

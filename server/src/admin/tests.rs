@@ -425,6 +425,102 @@ fn node(id: &str) -> NodeRecord {
 }
 
 #[tokio::test]
+async fn admin_calls_are_audited_with_the_caller_and_listed() {
+    let api = api();
+    let (status, _) = api
+        .call(Method::POST, "/v1/join-tokens", Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = api.call(Method::GET, "/v1/entries/nope", None).await;
+    assert!(status.is_client_error());
+    let (status, v) = api
+        .call(Method::GET, "/v1/audit?action=admin&limit=1", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let r = &v["records"][0];
+    assert_eq!(r["seq"], 1);
+    assert_eq!(r["actor"]["id"], "unix:uid:0");
+    assert_eq!(r["actor"]["kind"], "operator");
+    assert_eq!(r["action"], "admin.POST /v1/join-tokens");
+    assert_eq!(r["decision"], "allow");
+    assert_eq!(r["result"], "ok");
+    assert_eq!(v["next_after"], 1);
+    assert!(!r.to_string().contains("token\":"), "no token value: {r}");
+
+    let (_, v) = api.call(Method::GET, "/v1/audit?after=1", None).await;
+    let failed = &v["records"][0];
+    assert_eq!(failed["action"], "admin.GET /v1/entries/{id}");
+    assert_eq!(failed["target"], "nope");
+    assert_eq!(failed["result"], "error");
+    assert_eq!(failed["decision"], "allow");
+    assert!(
+        failed["message"].as_str().unwrap().contains("nope"),
+        "{failed}"
+    );
+    // The first list call is itself recorded (seq 3).
+    assert_eq!(v["records"][1]["action"], "admin.GET /v1/audit");
+
+    let (status, v) = api.call(Method::GET, "/v1/audit/verify", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["file_checked"], true, "{v}");
+    assert!(v["records"].as_u64().unwrap() >= 4);
+
+    let (status, v) = api
+        .call(Method::GET, "/v1/audit?since=yesterday", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_code(&v) == "invalid_argument");
+    let (status, _) = api.call(Method::GET, "/v1/audit?limit=1001", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, v) = api
+        .call(Method::GET, "/v1/audit?since=2999-01-01T00:00:00Z", None)
+        .await;
+    assert_eq!(v["records"], json!([]));
+}
+
+#[tokio::test]
+async fn agents_can_be_unbanned() {
+    let api = api();
+    api.state
+        .store
+        .put_node(&node("spiffe://example.org/mayfly/agent/join_token/u1"))
+        .unwrap();
+    let path = "/v1/agents/mayfly%2Fagent%2Fjoin_token%2Fu1";
+    let (status, v) = api.call(Method::POST, &format!("{path}/unban"), None).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{v}");
+    let (status, _) = api.call(Method::POST, &format!("{path}/ban"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = api.call(Method::POST, &format!("{path}/unban"), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["banned"], false);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/agents/mayfly%2Fagent%2Fjoin_token%2Fnone/unban",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, v) = api.call(Method::GET, "/v1/audit?action=admin", None).await;
+    let actions: Vec<&str> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            "admin.POST /v1/agents/{id}/unban",
+            "admin.POST /v1/agents/{id}/ban",
+            "admin.POST /v1/agents/{id}/unban",
+            "admin.POST /v1/agents/{id}/unban",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn agents_show_ban_evict_by_either_id_form() {
     let api = api();
     for bad in [

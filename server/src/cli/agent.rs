@@ -1,4 +1,4 @@
-//! `mayfly-server agent list|show|ban|evict`.
+//! `mayfly-server agent list|show|ban|unban|evict`.
 
 use std::process::ExitCode;
 
@@ -28,6 +28,14 @@ pub enum AgentCommand {
         /// The agent: its SPIFFE ID, or the path after the trust domain
         /// (mayfly/agent/join_token/ID).
         agent: String,
+    },
+    /// Lift an agent's ban: it is served again (with its current SVID, or
+    /// after attesting again).
+    Unban {
+        /// The agent: its SPIFFE ID, or the path after the trust domain
+        /// (mayfly/agent/join_token/ID).
+        #[arg(long = "spiffe-id", value_name = "ID")]
+        spiffe_id: String,
     },
     /// Evict an agent: its record is deleted and it must attest again.
     Evict {
@@ -87,6 +95,15 @@ pub async fn run(conn: &Conn, command: AgentCommand) -> anyhow::Result<ExitCode>
             match conn.output {
                 Output::Json => print_json(&a)?,
                 Output::Text => print(&format!("Banned agent {}\n", cell(&a["spiffe_id"])))?,
+            }
+        }
+        AgentCommand::Unban { spiffe_id } => {
+            let a = client
+                .post(&format!("/v1/agents/{}/unban", encode(&spiffe_id)), None)
+                .await?;
+            match conn.output {
+                Output::Json => print_json(&a)?,
+                Output::Text => print(&format!("Unbanned agent {}\n", cell(&a["spiffe_id"])))?,
             }
         }
         AgentCommand::Evict { agent } => {

@@ -2,6 +2,7 @@
 //! command is a client of the admin API on its Unix socket.
 
 pub mod agent;
+pub mod audit;
 pub mod authority;
 pub mod bundle;
 pub mod client;
@@ -83,6 +84,16 @@ pub enum Command {
         /// The agent command.
         #[command(subcommand)]
         command: agent::AgentCommand,
+    },
+    /// Read and verify the audit log.
+    #[command(after_help = AUDIT_EXIT_CODES)]
+    Audit {
+        /// Connection and output.
+        #[command(flatten)]
+        conn: Conn,
+        /// The audit command.
+        #[command(subcommand)]
+        command: audit::AuditCommand,
     },
     /// Show and rotate the signing authorities (X.509 CA, JWT key).
     #[command(after_help = EXIT_CODES_SHORT)]
@@ -170,6 +181,8 @@ pub struct Conn {
 const EXIT_CODES_SHORT: &str =
     "Exit codes: 0 success; 1 failure (the reason is printed on stderr); 2 command-line error.";
 
+const AUDIT_EXIT_CODES: &str = "Exit codes: 0 success (verify: the log is intact); 1 failure, or verify found a modified or removed record (named on stdout); 2 command-line error.";
+
 const CONN: &str = "Connection and output";
 
 /// The environment variable naming the admin socket.
@@ -218,6 +231,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Entry { conn, command } => client_runtime()?.block_on(entry::run(&conn, *command)),
         Command::Token { conn, command } => client_runtime()?.block_on(token::run(&conn, command)),
         Command::Agent { conn, command } => client_runtime()?.block_on(agent::run(&conn, command)),
+        Command::Audit { conn, command } => client_runtime()?.block_on(audit::run(&conn, command)),
         Command::Authority { conn, command } => {
             client_runtime()?.block_on(authority::run(&conn, command))
         }

@@ -11,6 +11,7 @@
 //! (bounded in time and number), and finished streams are handed to tonic.
 
 pub mod attest;
+pub mod audit;
 pub mod auth;
 pub mod rate_limit;
 pub mod renew;
@@ -134,8 +135,10 @@ impl NodeService {
     }
 
     /// Authenticates the calling agent and records it on the current span.
-    async fn agent<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
-        self.agent_and_issuer(req).await.map(|(agent, _)| agent)
+    async fn agent<T>(&self, req: &Request<T>, action: &'static str) -> Result<Agent, Status> {
+        self.agent_and_issuer(req, action)
+            .await
+            .map(|(agent, _)| agent)
     }
 
     /// [`Self::agent`], and the id of the CA that issued its SVID (when
@@ -143,16 +146,42 @@ impl NodeService {
     async fn agent_and_issuer<T>(
         &self,
         req: &Request<T>,
+        action: &'static str,
     ) -> Result<(Agent, Option<String>), Status> {
         let certs = req.peer_certs();
-        let svid = auth::peer_leaf(certs.as_deref().map(Vec::as_slice))?;
-        let issuer = auth::check_issuer(&self.ctx, certs.as_deref().map(Vec::as_slice))
-            .inspect_err(|e| tracing::info!(reason = %e, "refused agent"))?;
-        let ctx = Arc::clone(&self.ctx);
-        let agent = blocking(move || auth::authenticate(&ctx, &svid)).await;
-        let agent = agent.inspect_err(|e| tracing::info!(reason = %e, "refused agent"))?;
-        tracing::Span::current().record("agent", display(&agent.spiffe_id));
-        Ok((agent, issuer))
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let result = async {
+            let svid = auth::peer_leaf(certs.as_deref().map(Vec::as_slice))
+                .map_err(|e| (audit::peer_actor(&peer), e))?;
+            let actor = audit::agent_actor(&svid.spiffe_id);
+            let issuer = auth::check_issuer(&self.ctx, certs.as_deref().map(Vec::as_slice))
+                .map_err(|e| (actor.clone(), e))?;
+            let ctx = Arc::clone(&self.ctx);
+            let agent = blocking(move || auth::authenticate(&ctx, &svid))
+                .await
+                .map_err(|e| (actor, e))?;
+            Ok((agent, issuer))
+        }
+        .await;
+        match result {
+            Ok((agent, issuer)) => {
+                tracing::Span::current().record("agent", display(&agent.spiffe_id));
+                Ok((agent, issuer))
+            }
+            Err((actor, e)) => {
+                tracing::info!(reason = %e, "refused agent");
+                let ctx = Arc::clone(&self.ctx);
+                let e = blocking(move || {
+                    audit::refused(&ctx, actor, action, None, &e);
+                    Ok(e)
+                })
+                .await
+                .unwrap_or_else(|join| join);
+                Err(Status::from(e))
+            }
+        }
     }
 }
 
@@ -179,16 +208,45 @@ impl Node for NodeService {
         // (join tokens are refused this way, as before challenges existed).
         let ctx = Arc::clone(&self.ctx);
         let (tx, mut rx) = mpsc::channel::<Result<AttestResponse, Status>>(2);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let inbound = request.into_inner();
         let task_span = span.clone();
         tokio::spawn(async move {
-            let result = attest::attest(ctx, inbound, &tx)
+            let result = attest::attest(Arc::clone(&ctx), inbound, &tx)
                 .instrument(task_span.clone())
-                .await
-                .inspect_err(|s| task_span.in_scope(|| tracing::info!(code = ?s.code(), message = s.message(), "attestation refused")))
-                .map(|result| AttestResponse {
-                    step: Some(attest_response::Step::Result(result)),
-                });
+                .await;
+            let result = match result {
+                Ok(r) => {
+                    let (id, can_reattest) = (r.spiffe_id.clone(), r.can_reattest);
+                    let actx = Arc::clone(&ctx);
+                    // The SVID is handed out only once its attestation is audited.
+                    blocking(move || audit::attested(&actx, &id, &peer, can_reattest))
+                        .instrument(task_span.clone())
+                        .await
+                        .map(|()| AttestResponse {
+                            step: Some(attest_response::Step::Result(r)),
+                        })
+                        .map_err(Status::from)
+                }
+                Err(s) => {
+                    task_span.in_scope(|| tracing::info!(code = ?s.code(), message = s.message(), "attestation refused"));
+                    let status = s.clone();
+                    let _ = blocking(move || {
+                        audit::refused_status(
+                            &ctx,
+                            audit::peer_actor(&peer),
+                            "node.attest",
+                            None,
+                            &status,
+                        );
+                        Ok(())
+                    })
+                    .await;
+                    Err(s)
+                }
+            };
             let _ = tx.send(result).await;
         });
         let first = rx
@@ -207,12 +265,28 @@ impl Node for NodeService {
     ) -> Result<Response<RenewResponse>, Status> {
         let span = tracing::info_span!("node.renew", agent = Empty);
         async {
-            let agent = self.agent(&request).await?;
+            let agent = self.agent(&request, "node.renew").await?;
             let ctx = Arc::clone(&self.ctx);
             let req = request.into_inner();
-            let resp = blocking(move || renew::renew(&ctx, &agent, &req))
-                .in_current_span()
-                .await?;
+            let resp = blocking(move || {
+                let actor = audit::agent_actor(&agent.spiffe_id);
+                let target = Some(agent.spiffe_id.to_string());
+                match renew::renew(&ctx, &agent, &req) {
+                    Ok(resp) => {
+                        ctx.state.audit(
+                            crate::audit::AuditEvent::ok(actor, "node.renew")
+                                .target(agent.spiffe_id.to_string()),
+                        )?;
+                        Ok(resp)
+                    }
+                    Err(e) => {
+                        audit::refused(&ctx, actor, "node.renew", target, &e);
+                        Err(e)
+                    }
+                }
+            })
+            .in_current_span()
+            .await?;
             Ok(Response::new(resp))
         }
         .instrument(span)
@@ -225,7 +299,7 @@ impl Node for NodeService {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let span = tracing::info_span!("node.sync", agent = Empty);
         async {
-            let (agent, issuer) = self.agent_and_issuer(&request).await?;
+            let (agent, issuer) = self.agent_and_issuer(&request, "node.sync").await?;
             tracing::info!("sync stream opened");
             let stream = sync::stream(Arc::clone(&self.ctx), agent, issuer);
             Ok(Response::new(Box::pin(stream) as Self::SyncStream))
@@ -240,11 +314,20 @@ impl Node for NodeService {
     ) -> Result<Response<SignX509Response>, Status> {
         let span = tracing::info_span!("node.sign_x509", agent = Empty);
         async {
-            let agent = self.agent(&request).await?;
+            let agent = self.agent(&request, "x509.issue").await?;
             let req = request.into_inner();
             // Signing is CPU work and touches no store: no blocking pool.
-            let resp = sign::sign_x509(&self.ctx, &agent, &req)
-                .inspect_err(|e| tracing::info!(reason = %e, "refused SignX509"))?;
+            let resp = sign::sign_x509(&self.ctx, &agent, &req).inspect_err(|e| {
+                tracing::info!(reason = %e, "refused SignX509");
+                let entries: Vec<&str> = req.items.iter().map(|i| i.entry_id.as_str()).collect();
+                audit::refused(
+                    &self.ctx,
+                    audit::agent_actor(&agent.spiffe_id),
+                    "x509.issue",
+                    Some(entries.join(",")),
+                    e,
+                );
+            })?;
             Ok(Response::new(resp))
         }
         .instrument(span)
@@ -257,14 +340,32 @@ impl Node for NodeService {
     ) -> Result<Response<ReportTaskEndResponse>, Status> {
         let span = tracing::info_span!("node.report_task_end", agent = Empty);
         async {
-            let agent = self.agent(&request).await?;
+            let agent = self.agent(&request, "task.end").await?;
             let req = request.into_inner();
             let ctx = Arc::clone(&self.ctx);
             let id = agent.spiffe_id.clone();
-            let revoked = blocking(move || ctx.state.report_task_ends(&id, &req.tasks))
-                .in_current_span()
-                .await
-                .inspect_err(|e| tracing::info!(reason = %e, "refused ReportTaskEnd"))?;
+            let revoked = blocking(move || {
+                let actor = audit::agent_actor(&id);
+                let tasks: Vec<&str> = req.tasks.iter().map(|t| t.task_id.as_str()).collect();
+                let target = tasks.join(",");
+                match ctx.state.report_task_ends(&id, &req.tasks) {
+                    Ok(revoked) => {
+                        ctx.state.audit(
+                            crate::audit::AuditEvent::ok(actor, "task.end")
+                                .target(target)
+                                .detail("revoked", revoked),
+                        )?;
+                        Ok(revoked)
+                    }
+                    Err(e) => {
+                        audit::refused(&ctx, actor, "task.end", Some(target), &e);
+                        Err(e)
+                    }
+                }
+            })
+            .in_current_span()
+            .await
+            .inspect_err(|e| tracing::info!(reason = %e, "refused ReportTaskEnd"))?;
             Ok(Response::new(ReportTaskEndResponse { revoked }))
         }
         .instrument(span)
@@ -277,11 +378,19 @@ impl Node for NodeService {
     ) -> Result<Response<MintJwtResponse>, Status> {
         let span = tracing::info_span!("node.mint_jwt", agent = Empty, entry = Empty);
         async {
-            let agent = self.agent(&request).await?;
+            let agent = self.agent(&request, "jwt.issue").await?;
             let req = request.into_inner();
             tracing::Span::current().record("entry", req.entry_id.as_str());
-            let resp = sign::mint_jwt(&self.ctx, &agent, &req)
-                .inspect_err(|e| tracing::info!(reason = %e, "refused MintJwt"))?;
+            let resp = sign::mint_jwt(&self.ctx, &agent, &req).inspect_err(|e| {
+                tracing::info!(reason = %e, "refused MintJwt");
+                audit::refused(
+                    &self.ctx,
+                    audit::agent_actor(&agent.spiffe_id),
+                    "jwt.issue",
+                    Some(req.entry_id.clone()),
+                    e,
+                );
+            })?;
             Ok(Response::new(resp))
         }
         .instrument(span)

@@ -87,6 +87,7 @@ pub fn sign_x509(
         });
     }
     state.record_issued(&records)?;
+    super::audit::issued(ctx, agent, "x509.issue", &records, &[])?;
     Ok(SignX509Response { results })
 }
 
@@ -103,14 +104,22 @@ pub fn mint_jwt(
         state.mint_jwt_svid_by(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
     let exp = OffsetDateTime::from_unix_timestamp(expires_at)
         .map_err(|e| ServiceError::Internal(format!("token expiry out of range: {e}")))?;
-    state.record_issued(&[issued(
+    let records = [issued(
         CredentialId::Jti(jti.clone()),
         agent,
         &entry,
         &req.task_id,
         key_id,
         exp,
-    )])?;
+    )];
+    state.record_issued(&records)?;
+    super::audit::issued(
+        ctx,
+        agent,
+        "jwt.issue",
+        &records,
+        &[("audience", req.audience.clone().into())],
+    )?;
     tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
     Ok(MintJwtResponse {
         token,

@@ -402,6 +402,23 @@ impl ServerState {
             }
         };
         tracing::info!(target = ?target, note = %note, revoked = added.len(), "operator revocation");
+        // The operator who asked is on the admin call's record; this one
+        // keeps the note and what was revoked.
+        let key = |id: &CredentialId| match id {
+            CredentialId::Serial(v) => format!("serial {v}"),
+            CredentialId::Jti(v) => format!("jti {v}"),
+        };
+        let target_text = match target {
+            OperatorTarget::Credential(id) => key(id),
+            OperatorTarget::SpiffeId(sid) => sid.to_string(),
+        };
+        let revoked: Vec<String> = added.iter().map(|r| key(&r.id)).collect();
+        self.audit(
+            crate::audit::AuditEvent::ok(self.server_actor(), "revocation.operator")
+                .target(target_text)
+                .detail("note", note)
+                .detail("revoked", revoked),
+        )?;
         Ok(added)
     }
 

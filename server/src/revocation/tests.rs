@@ -255,6 +255,16 @@ fn operator_revokes_by_serial_jti_or_spiffe_id() {
         .unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reason, Reason::Operator);
+    let audited = state.store.list_audit(0, 100).unwrap();
+    let rec = audited
+        .iter()
+        .find(|r| r.event.action == "revocation.operator")
+        .expect("the operator revocation is audited");
+    assert_eq!(rec.event.details["note"], "leaked");
+    assert_eq!(
+        rec.event.details["revoked"],
+        serde_json::json!([format!("serial {s}")])
+    );
     assert!(matches!(
         state.revoke_by_operator(
             &OperatorTarget::Credential(CredentialId::Serial("0123".into())),

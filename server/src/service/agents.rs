@@ -103,8 +103,47 @@ impl ServerState {
             .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent banned");
-        self.revoke_agent_credentials(id, Reason::AgentBanned)?;
+        let revoked = self.revoke_agent_credentials(id, Reason::AgentBanned)?;
+        self.audit_agent_change("agent.ban", id, Some(revoked.len()))?;
         Ok(node)
+    }
+
+    /// Lifts an agent's ban: it is served again with the SVID it holds (if
+    /// still valid and current) or after attesting again. Credentials
+    /// revoked by the ban stay revoked. Not banned → `FailedPrecondition`.
+    pub fn unban_agent(&self, id: &SpiffeId) -> ServiceResult<NodeRecord> {
+        let node = self
+            .update_node(&id.to_string(), |n| {
+                if !n.banned {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "agent {id} is not banned"
+                    )));
+                }
+                n.banned = false;
+                Ok(())
+            })?
+            .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
+        self.notify_node(&node.spiffe_id.to_string());
+        tracing::warn!(agent = %id, "agent unbanned");
+        self.audit_agent_change("agent.unban", id, None)?;
+        Ok(node)
+    }
+
+    /// The service-level record of a ban, eviction or unban: the agent and
+    /// how many credentials were revoked. The operator who asked is on the
+    /// admin call's record next to it.
+    fn audit_agent_change(
+        &self,
+        action: &str,
+        id: &SpiffeId,
+        revoked: Option<usize>,
+    ) -> ServiceResult<()> {
+        let mut event =
+            crate::audit::AuditEvent::ok(self.server_actor(), action).target(id.to_string());
+        if let Some(n) = revoked {
+            event = event.detail("revoked", n);
+        }
+        self.audit(event)
     }
 
     /// Evicts an agent: its record is deleted, so that its next call is
@@ -116,7 +155,8 @@ impl ServerState {
             .ok_or_else(|| ServiceError::NotFound(format!("no attested agent {id}")))?;
         self.notify_node(&node.spiffe_id.to_string());
         tracing::warn!(agent = %id, "agent evicted");
-        self.revoke_agent_credentials(id, Reason::AgentEvicted)?;
+        let revoked = self.revoke_agent_credentials(id, Reason::AgentEvicted)?;
+        self.audit_agent_change("agent.evict", id, Some(revoked.len()))?;
         Ok(node)
     }
 }
@@ -162,6 +202,25 @@ mod tests {
         assert!(state.ban_agent(&full).unwrap().banned);
         assert!(state.get_agent(&full).unwrap().banned);
         assert!(events.try_recv().is_ok());
+
+        assert!(matches!(
+            state.unban_agent(&a.spiffe_id),
+            Ok(NodeRecord { banned: false, .. })
+        ));
+        assert!(!state.get_agent(&full).unwrap().banned);
+        let actions: Vec<String> = state
+            .store
+            .list_audit(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.action)
+            .collect();
+        assert_eq!(actions, vec!["agent.ban", "agent.unban"]);
+        assert!(matches!(
+            state.unban_agent(&full),
+            Err(ServiceError::FailedPrecondition(_))
+        ));
+        state.ban_agent(&full).unwrap();
 
         state.evict_agent(&full).unwrap();
         assert!(matches!(

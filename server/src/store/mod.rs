@@ -12,6 +12,8 @@ use mayfly::SpiffeId;
 use mayfly::entry::{Assurance, Entry, EntryId, spiffe_id_serde};
 use mayfly::revocation::{CredentialId, Revocation};
 use mayfly::selector::SelectorSet;
+
+use crate::audit::record::{AuditHead, AuditRecord};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -151,6 +153,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Removes issuance records and revocations of credentials that expired
     /// at `now`; returns how many of each.
     fn prune_expired(&self, now: OffsetDateTime) -> Result<(usize, usize), StoreError>;
+
+    /// Appends audit records (consecutive, continuing the head) and sets the
+    /// head to the last one, atomically and durably with one flush.
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// At most `limit` audit records with a seq above `after_seq`, in seq
+    /// order. A record that cannot be decoded is
+    /// `StoreError::Corrupt { kind: "audit", key: <seq>, .. }`.
+    fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The last appended record's seq and hash, `None` before the first.
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
 
     /// A small named value (bundle sequence, revision counter, ...).
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
