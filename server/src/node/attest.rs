@@ -103,6 +103,11 @@ async fn join_token(ctx: Arc<NodeCtx>, params: AttestParams) -> ServiceResult<At
             banned: false,
             can_reattest: false,
         };
+        if let Err(e) = state.decide_attestation(&node) {
+            // The token is spent; the SVID just signed is never handed out.
+            tracing::warn!(agent = %key, token_id = %record.id, "attestation refused by policy");
+            return Err(e);
+        }
         task_ctx.put_node(&node)?;
         tracing::info!(agent = %key, token_id = %record.id, serial = %node.current_serial, "agent attested");
         Ok((node, vec![signed.der]))
