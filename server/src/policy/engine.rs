@@ -2,7 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cedar_policy::{Authorizer, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId};
+use cedar_policy::{
+    ActionConstraint, Authorizer, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    PolicySet,
+};
 use mayfly::ttl::Ttl;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -67,6 +70,12 @@ pub struct Engine {
     authorizer: Authorizer,
     /// Action uid and entity (with its `admin` group parent), by name.
     actions: HashMap<String, (EntityUid, Entity)>,
+    /// For each action, the policies whose action scope can match it, so
+    /// that a decision evaluates only those (the result is the same: the
+    /// others cannot apply).
+    per_action: HashMap<String, PolicySet>,
+    /// Node and entry entities already built.
+    cache: request::EntityCache,
 }
 
 impl Engine {
@@ -84,17 +93,39 @@ impl Engine {
         let action_entities = schema
             .action_entities()
             .map_err(|e| fail(format!("schema actions: {e}")))?;
-        let actions = action_entities
+        let actions: HashMap<String, (EntityUid, Entity)> = action_entities
             .iter()
             .map(|e| {
                 let uid = e.uid();
                 (uid.id().unescaped().to_owned(), (uid, e.clone()))
             })
             .collect();
+        let mut per_action = HashMap::new();
+        for (name, (uid, _)) in &actions {
+            let mut scope: HashSet<&EntityUid> = HashSet::from([uid]);
+            if let Some(ancestors) = action_entities.ancestors(uid) {
+                scope.extend(ancestors);
+            }
+            let mut set = PolicySet::new();
+            for policy in loaded.set.policies() {
+                let applies = match policy.action_constraint() {
+                    ActionConstraint::Any => true,
+                    ActionConstraint::Eq(a) => &a == uid,
+                    ActionConstraint::In(list) => list.iter().any(|a| scope.contains(a)),
+                };
+                if applies {
+                    set.add(policy.clone())
+                        .map_err(|e| fail(format!("policy {}: {e}", policy.id())))?;
+                }
+            }
+            per_action.insert(name.clone(), set);
+        }
         Ok(Self {
             loaded,
             authorizer: Authorizer::new(),
             actions,
+            per_action,
+            cache: request::EntityCache::default(),
         })
     }
 
@@ -128,7 +159,7 @@ impl Engine {
                 action.name()
             ));
         };
-        let input = match request::to_cedar(req, now) {
+        let input = match request::to_cedar_cached(req, now, Some(&self.cache)) {
             Ok(i) => i,
             Err(e) => return Decision::deny(e.to_string()),
         };
@@ -153,9 +184,11 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return Decision::deny(format!("policy request: {e}")),
         };
-        let resp = self
-            .authorizer
-            .is_authorized(&cedar_req, &self.loaded.set, &entities);
+        let set = self
+            .per_action
+            .get(action.name())
+            .unwrap_or(&self.loaded.set);
+        let resp = self.authorizer.is_authorized(&cedar_req, set, &entities);
         let diag = resp.diagnostics();
         let mut reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
         reasons.sort();

@@ -5,14 +5,15 @@
 //! policies were validated against the schema at load time, and the
 //! entities built here follow it by construction; a unit test checks it).
 
-use std::collections::HashSet;
-use std::sync::LazyLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use cedar_policy::{
     Context, ContextCreationError, Entity, EntityId, EntityTypeName, EntityUid,
     RestrictedExpression,
 };
 use mayfly::entry::{Assurance, Entry, Scope};
+use mayfly::selector::SelectorSet;
 use time::OffsetDateTime;
 
 use crate::admin::caller::AdminCaller;
@@ -188,6 +189,95 @@ pub fn attestation_age(node: &NodeRecord, now: OffsetDateTime) -> i64 {
     (now - node.attested_at).whole_seconds().max(0)
 }
 
+/// The most cached entities of each kind; past it the cache starts over.
+const CACHE_LIMIT: usize = 100_000;
+
+/// Everything a node entity is built from: equal keys give equal entities.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeKey {
+    attestor: String,
+    assurance: Assurance,
+    selectors: SelectorSet,
+    attested_at: i64,
+    age: i64,
+    banned: bool,
+    can_reattest: bool,
+}
+
+impl NodeKey {
+    fn of(node: &NodeRecord, now: OffsetDateTime) -> Self {
+        Self {
+            attestor: node.attestor.clone(),
+            assurance: node.assurance,
+            selectors: node.selectors.clone(),
+            attested_at: node.attested_at.unix_timestamp(),
+            age: attestation_age(node, now),
+            banned: node.banned,
+            can_reattest: node.can_reattest,
+        }
+    }
+}
+
+/// Cedar entities already built, so that the issuance path does not
+/// rebuild them on every request: entries by (id, revision) (an entry's
+/// revision changes with every change), nodes by SPIFFE ID with every
+/// attribute they were built from (the attestation age changes every
+/// second, so a node entity is reused within the same second).
+#[derive(Debug, Default)]
+pub struct EntityCache {
+    nodes: Mutex<HashMap<String, (NodeKey, Entity)>>,
+    entries: Mutex<HashMap<(String, u64), Entity>>,
+}
+
+impl EntityCache {
+    fn node(
+        &self,
+        node: &NodeRecord,
+        now: OffsetDateTime,
+    ) -> Result<(EntityUid, Entity), RequestError> {
+        let key = NodeKey::of(node, now);
+        let id = node.spiffe_id.to_string();
+        {
+            let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((k, e)) = nodes.get(&id)
+                && *k == key
+            {
+                return Ok((e.uid(), e.clone()));
+            }
+        }
+        let (uid, e) = node_entity(node, now)?;
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if nodes.len() >= CACHE_LIMIT {
+            nodes.clear();
+        }
+        nodes.insert(id, (key, e.clone()));
+        Ok((uid, e))
+    }
+
+    fn entry(&self, entry: &Entry) -> Result<(EntityUid, Entity), RequestError> {
+        // Revision 0 is an entry that was never stored (a dry run).
+        if entry.revision == 0 {
+            return entry_entity(entry);
+        }
+        let key = (entry.id.as_str().to_owned(), entry.revision);
+        if let Some(e) = self
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok((e.uid(), e.clone()));
+        }
+        let (uid, e) = entry_entity(entry)?;
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= CACHE_LIMIT {
+            entries.clear();
+        }
+        entries.insert(key, e.clone());
+        Ok((uid, e))
+    }
+}
+
 /// Errors building a request (attribute values out of Cedar's range).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -312,6 +402,15 @@ fn context(now: OffsetDateTime, v: ContextValues<'_>) -> Result<Context, Request
 /// Builds the Cedar principal, resource, entities and context of `req` at
 /// `now`.
 pub fn to_cedar(req: &PolicyRequest<'_>, now: OffsetDateTime) -> Result<CedarInput, RequestError> {
+    to_cedar_cached(req, now, None)
+}
+
+/// [`to_cedar`], reusing (and filling) `cache` for node and entry entities.
+pub fn to_cedar_cached(
+    req: &PolicyRequest<'_>,
+    now: OffsetDateTime,
+    cache: Option<&EntityCache>,
+) -> Result<CedarInput, RequestError> {
     match req {
         PolicyRequest::Attest(node) | PolicyRequest::Renew(node) => {
             let renewal = matches!(req, PolicyRequest::Renew(_));
@@ -336,8 +435,14 @@ pub fn to_cedar(req: &PolicyRequest<'_>, now: OffsetDateTime) -> Result<CedarInp
             })
         }
         PolicyRequest::Issue(i) => {
-            let (node_id, node) = node_entity(i.node, now)?;
-            let (entry_id, entry) = entry_entity(i.entry)?;
+            let (node_id, node) = match cache {
+                Some(c) => c.node(i.node, now)?,
+                None => node_entity(i.node, now)?,
+            };
+            let (entry_id, entry) = match cache {
+                Some(c) => c.entry(i.entry)?,
+                None => entry_entity(i.entry)?,
+            };
             let workload_id = uid(
                 &TYPES.workload,
                 &format!("{}#{}#{}", i.node.spiffe_id, i.entry.id.as_str(), i.task_id),

@@ -314,3 +314,26 @@ fn the_weekday_is_iso() {
     );
     assert!(e.decide(&PolicyRequest::Attest(&n), NOON).allowed);
 }
+
+#[test]
+fn cached_entities_follow_node_and_entry_changes() {
+    let e = Engine::builtin().unwrap();
+    let mut n = node(Assurance::Low, NOON);
+    let mut en = entry("/db", Some("high"), None);
+    assert!(!e.decide(&issue(&n, &en, false, &[]), NOON).allowed);
+    // Same node id and second, higher assurance: not the cached entity.
+    n.assurance = Assurance::High;
+    assert!(e.decide(&issue(&n, &en, false, &[]), NOON).allowed);
+    n.assurance = Assurance::Low;
+    assert!(!e.decide(&issue(&n, &en, false, &[]), NOON).allowed);
+    // The entry changed (new revision): not the cached entity.
+    en.min_assurance = None;
+    en.revision += 1;
+    assert!(e.decide(&issue(&n, &en, false, &[]), NOON).allowed);
+    // Attestation age moves with time for the same node.
+    let mut aged = entry("/vault", None, Some("10m"));
+    aged.revision = 7;
+    assert!(e.decide(&issue(&n, &aged, false, &[]), NOON).allowed);
+    let later = NOON + time::Duration::minutes(11);
+    assert!(!e.decide(&issue(&n, &aged, false, &[]), later).allowed);
+}
