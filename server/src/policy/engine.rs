@@ -164,11 +164,14 @@ impl Engine {
             Err(e) => return Decision::deny(e.to_string()),
         };
         let mut entities = input.entities;
-        entities.push(action_entity.clone());
-        if matches!(action, Action::Admin(_))
-            && let Some((_, group)) = self.actions.get("admin")
-        {
-            entities.push(group.clone());
+        // Only admin operations belong to an action group; the others match
+        // `action == A` / `action in [A, ...]` by equality, without their
+        // entity (fewer entities, a cheaper transitive closure).
+        if matches!(action, Action::Admin(_)) {
+            entities.push(action_entity.clone());
+            if let Some((_, group)) = self.actions.get("admin") {
+                entities.push(group.clone());
+            }
         }
         let entities = match Entities::from_entities(entities, None) {
             Ok(e) => e,

@@ -337,3 +337,19 @@ fn cached_entities_follow_node_and_entry_changes() {
     let later = NOON + time::Duration::minutes(11);
     assert!(!e.decide(&issue(&n, &aged, false, &[]), later).allowed);
 }
+
+/// `Engine::decide` leaves the action entity out for non-admin actions,
+/// which is only right while they belong to no action group.
+#[test]
+fn only_admin_operations_belong_to_an_action_group() {
+    let actions = super::schema::schema().unwrap().action_entities().unwrap();
+    for a in actions.iter() {
+        let uid = a.uid();
+        let name = uid.id().unescaped().to_owned();
+        let groups = actions.ancestors(&uid).map(|i| i.count()).unwrap_or(0);
+        match Action::from_name(&name) {
+            Action::Admin(op) if op != "admin" => assert_eq!(groups, 1, "{op}"),
+            _ => assert_eq!(groups, 0, "{name} must not be in a group"),
+        }
+    }
+}
