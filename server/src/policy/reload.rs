@@ -91,9 +91,7 @@ impl PolicyStore {
                 Ok(n)
             }
             Err(e) => {
-                *fp_slot = loader::read_sources(&sources)
-                    .ok()
-                    .map(|files| fingerprint(sources.default_policy, &files));
+                *fp_slot = Some(current_fingerprint(&sources));
                 Err(e)
             }
         }
@@ -103,14 +101,12 @@ impl PolicyStore {
     /// load); `None` when nothing changed.
     pub fn reload_if_changed(&self) -> Option<Result<usize, LoadErrors>> {
         let sources = self.sources();
-        let fp = loader::read_sources(&sources)
-            .ok()
-            .map(|files| fingerprint(sources.default_policy, &files));
+        let fp = current_fingerprint(&sources);
         let last = *self
             .fingerprint
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if fp.is_some() && fp == last {
+        if last == Some(fp) {
             return None;
         }
         Some(self.reload())
@@ -150,6 +146,15 @@ impl PolicyStore {
     /// Decides with the policy in force.
     pub fn decide(&self, req: &PolicyRequest<'_>, now: OffsetDateTime) -> Decision {
         self.current.load().decide(req, now)
+    }
+}
+
+/// The fingerprint of what `sources` name now; when they cannot be read,
+/// of the errors (so that a missing file is reported once, not every poll).
+fn current_fingerprint(sources: &PolicySources) -> [u8; 32] {
+    match loader::read_sources(sources) {
+        Ok(files) => fingerprint(sources.default_policy, &files),
+        Err(e) => Sha256::digest(e.to_string().as_bytes()).into(),
     }
 }
 

@@ -294,6 +294,11 @@ fn a_broken_file_on_reload_is_rejected_and_the_old_set_stays() {
     assert!(!store.decide(&issue(&nd, &pay, false, &[]), night).allowed);
     assert!(store.reload_if_changed().is_none(), "reported once");
 
+    // A missing file is reported once too.
+    std::fs::remove_file(dir.path().join("hours.cedar")).unwrap();
+    std::fs::write(dir.path().join("hours.cedar"), BUSINESS_HOURS).unwrap();
+    assert_eq!(store.reload_if_changed().unwrap().unwrap(), 6);
+
     // Fixed (the rule removed): the new set is in force.
     write(dir.path(), "hours.cedar", "");
     assert_eq!(store.reload_if_changed().unwrap().unwrap(), 5);
@@ -352,4 +357,26 @@ fn only_admin_operations_belong_to_an_action_group() {
             _ => assert_eq!(groups, 0, "{name} must not be in a group"),
         }
     }
+}
+
+#[test]
+fn a_missing_policy_file_is_reported_once_and_the_old_set_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hours.cedar");
+    write(dir.path(), "hours.cedar", BUSINESS_HOURS);
+    let store = PolicyStore::builtin().unwrap();
+    store
+        .configure(PolicySources {
+            paths: vec![file.clone()],
+            default_policy: true,
+        })
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let err = store.reload_if_changed().unwrap().unwrap_err();
+    assert!(err.to_string().contains("cannot read"), "{err}");
+    assert!(store.reload_if_changed().is_none(), "reported once");
+    let nd = node(Assurance::Low, NOON);
+    let pay = entry("/payments/api", None, None);
+    let night = datetime!(2026-11-23 03:00 UTC);
+    assert!(!store.decide(&issue(&nd, &pay, false, &[]), night).allowed);
 }
