@@ -218,6 +218,10 @@ impl NodeKey {
     }
 }
 
+/// What varies in an issuance context within one second: requested TTL,
+/// audience, attestation age.
+type ContextKey = (u64, Vec<String>, i64);
+
 /// Cedar entities already built, so that the issuance path does not
 /// rebuild them on every request: entries by (id, revision) (an entry's
 /// revision changes with every change), nodes by SPIFFE ID with every
@@ -227,6 +231,9 @@ impl NodeKey {
 pub struct EntityCache {
     nodes: Mutex<HashMap<String, (NodeKey, Entity)>>,
     entries: Mutex<HashMap<(String, u64), Entity>>,
+    // Issuance contexts of the current second, by (requested TTL,
+    // audience, attestation age); emptied when the second changes.
+    contexts: Mutex<(i64, HashMap<ContextKey, Context>)>,
 }
 
 impl EntityCache {
@@ -252,6 +259,40 @@ impl EntityCache {
         }
         nodes.insert(id, (key, e.clone()));
         Ok((uid, e))
+    }
+
+    fn issue_context(
+        &self,
+        now: OffsetDateTime,
+        requested_ttl: u64,
+        audience: &[String],
+        attestation_age: i64,
+    ) -> Result<Context, RequestError> {
+        let second = now.unix_timestamp();
+        let key = (requested_ttl, audience.to_vec(), attestation_age);
+        {
+            let cached = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+            if cached.0 == second
+                && let Some(c) = cached.1.get(&key)
+            {
+                return Ok(c.clone());
+            }
+        }
+        let c = context(
+            now,
+            ContextValues {
+                requested_ttl,
+                audience,
+                renewal: false,
+                attestation_age,
+            },
+        )?;
+        let mut cached = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        if cached.0 != second || cached.1.len() >= CACHE_LIMIT {
+            *cached = (second, HashMap::new());
+        }
+        cached.1.insert(key, c.clone());
+        Ok(c)
     }
 
     fn entry(&self, entry: &Entry) -> Result<(EntityUid, Entity), RequestError> {
@@ -465,15 +506,23 @@ pub fn to_cedar_cached(
                 principal: workload_id,
                 resource: entry_id,
                 entities: vec![workload, node, entry],
-                context: context(
-                    now,
-                    ContextValues {
-                        requested_ttl: i.requested_ttl,
-                        audience: i.audience,
-                        renewal: false,
-                        attestation_age: attestation_age(i.node, now),
-                    },
-                )?,
+                context: match cache {
+                    Some(c) => c.issue_context(
+                        now,
+                        i.requested_ttl,
+                        i.audience,
+                        attestation_age(i.node, now),
+                    )?,
+                    None => context(
+                        now,
+                        ContextValues {
+                            requested_ttl: i.requested_ttl,
+                            audience: i.audience,
+                            renewal: false,
+                            attestation_age: attestation_age(i.node, now),
+                        },
+                    )?,
+                },
             })
         }
         PolicyRequest::Admin(a) => {
