@@ -13,6 +13,7 @@
 //! B, and B's Workload API push.
 //!
 //! `cargo run --release -p mayfly-bench -- revocation --tasks 1000 [--concurrency 1] [--json FILE]`
+//! `cargo run --release -p mayfly-bench -- policy [--smoke]`: see the `policy` module.
 //! `cargo run --release -p mayfly-bench -- revocation --smoke` (20 tasks; exit 1 if a revocation never arrives or a task fails — never on time)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failing loudly is the point
 
@@ -31,6 +32,8 @@ use mayfly_agent::config::AgentConfig;
 use mayfly_server::config::ServerConfig;
 use tokio::sync::{Notify, watch};
 
+mod policy;
+
 /// The budget for the p99.
 const BUDGET: Duration = Duration::from_secs(1);
 
@@ -45,6 +48,8 @@ struct Cli {
 enum Cmd {
     /// Task end → revocation visible in agent B's Workload API `crl` field.
     Revocation(RevocationArgs),
+    /// The cost of one policy decision on the issuance path.
+    Policy(policy::PolicyArgs),
     /// (internal) a workload: fetch one X.509-SVID, print its serial, exit.
     #[command(hide = true)]
     Child {
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(child(&socket)),
+        Cmd::Policy(args) => policy::run(args),
         Cmd::Revocation(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -65,6 +65,12 @@ pub struct RawServer {
     /// JSON-lines copy of the audit log; default `<data_dir>/audit.jsonl`;
     /// `""` turns the file off (the store copy is always kept).
     pub audit_log_path: Option<PathBuf>,
+    /// Policy files or directories of `*.cedar`; default none.
+    pub policy_paths: Option<Vec<PathBuf>>,
+    /// Whether the built-in policies are loaded; default `true`.
+    pub default_policy: Option<bool>,
+    /// How often policy files are checked for changes; default `2s`.
+    pub policy_reload_interval: Option<String>,
 }
 
 /// `[server.node_attestors]` table.
@@ -182,6 +188,10 @@ pub struct ServerConfig {
     /// Where audit records are copied as JSON lines; see
     /// [`ServerConfig::audit_log_file`].
     pub audit_log_path: AuditLogPath,
+    /// Where policies come from (files, directories, the built-in set).
+    pub policy: crate::policy::PolicySources,
+    /// How often policy files are checked for changes.
+    pub policy_reload_interval: Ttl,
 }
 
 /// `audit_log_path` as configured.
@@ -364,7 +374,28 @@ impl ServerConfig {
             ca_subject: s.ca_subject.unwrap_or_else(|| "Mayfly".into()),
             log_level: s.log_level.unwrap_or_else(|| "info".into()),
             log_format,
+            policy: crate::policy::PolicySources {
+                paths: s.policy_paths.unwrap_or_default(),
+                default_policy: s.default_policy.unwrap_or(true),
+            },
+            policy_reload_interval: ttl(
+                "server.policy_reload_interval",
+                s.policy_reload_interval,
+                "2s",
+            )?,
         };
+        if let Some(p) = cfg.policy.paths.iter().find(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(
+                "server.policy_paths",
+                format!("an empty path is not allowed ({p:?})"),
+            ));
+        }
+        if !cfg.policy.default_policy && cfg.policy.paths.is_empty() {
+            return Err(invalid(
+                "server.default_policy",
+                "is false and no policy_paths are set: every request would be denied".into(),
+            ));
+        }
         if cfg.default_x509_svid_ttl >= cfg.ca_ttl {
             return Err(invalid(
                 "server.default_x509_svid_ttl",
@@ -434,6 +465,30 @@ mod tests {
         let err = ServerConfig::parse("[server]\naudit_log_path = \"/\"\n", Path::new("s.toml"))
             .unwrap_err();
         assert!(err.to_string().contains("server.audit_log_path"), "{err}");
+    }
+
+    #[test]
+    fn policy_keys() {
+        let c = ServerConfig::development();
+        assert!(c.policy.paths.is_empty() && c.policy.default_policy);
+        assert_eq!(c.policy_reload_interval.as_secs(), 2);
+        let c = ServerConfig::parse(
+            "[server]\npolicy_paths = [\"/etc/mayfly/policy\"]\ndefault_policy = false\npolicy_reload_interval = \"10s\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.policy.paths, [PathBuf::from("/etc/mayfly/policy")]);
+        assert!(!c.policy.default_policy);
+        assert_eq!(c.policy_reload_interval.as_secs(), 10);
+        let err = ServerConfig::parse("[server]\ndefault_policy = false\n", Path::new("s.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("default_policy"), "{err}");
+        let err = ServerConfig::parse(
+            "[server]\npolicy_reload_interval = \"often\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy_reload_interval"), "{err}");
     }
 
     #[test]

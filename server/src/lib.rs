@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod logging;
 pub mod node;
+pub mod policy;
 pub mod public;
 pub mod revocation;
 pub mod run;

@@ -109,12 +109,45 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<ServerState> {
     let clock = Arc::new(SystemClock);
     let authorities = AuthorityManager::load_or_create(&config, mayfly::clock::Clock::now(&*clock))
         .context("loading the authorities")?;
-    Ok(ServerState::new(
-        config,
-        Arc::new(store),
-        clock,
-        authorities,
-    )?)
+    let sources = config.policy.clone();
+    let state = ServerState::new(config, Arc::new(store), clock, authorities)?;
+    let n = state
+        .policy
+        .configure(sources)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("loading the policy")?;
+    tracing::info!(policies = n, "policy loaded");
+    Ok(state)
+}
+
+/// Reloads the policy when its files change (polled every
+/// `policy_reload_interval`) and on SIGHUP, until the server stops. A
+/// rejected reload is logged and the previous policy stays in force.
+async fn watch_policy(state: Arc<ServerState>, mut stop: watch::Receiver<bool>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; policy reloads only on file change");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        state.config.policy_reload_interval.as_secs().max(1),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (why, only_if_changed) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => ("file change", true),
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => ("SIGHUP", false),
+        };
+        if only_if_changed && !state.policy.has_files() {
+            continue;
+        }
+        let s = Arc::clone(&state);
+        let _ =
+            tokio::task::spawn_blocking(move || s.policy.reload_logged(why, only_if_changed)).await;
+    }
 }
 
 /// Starts the APIs over an existing state (for embedding with a custom
@@ -161,6 +194,7 @@ pub async fn start(
 
     tokio::spawn(prune_join_tokens(Arc::clone(&state), stop_rx.clone()));
     tokio::spawn(prune_revocations(Arc::clone(&state), stop_rx.clone()));
+    tokio::spawn(watch_policy(Arc::clone(&state), stop_rx.clone()));
     tokio::spawn(crate::authority::rotate::run(
         Arc::clone(&state),
         stop_rx.clone(),

@@ -19,6 +19,7 @@ use crate::audit::AuditLog;
 use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
+use crate::policy::{PolicyRequest, PolicyStore};
 use crate::revocation::Revocations;
 use crate::store::{NodeRecord, Store};
 
@@ -99,6 +100,8 @@ pub struct ServerState {
     pub(crate) revocations: Revocations,
     /// The hash-chained audit log (record with [`ServerState::audit`]).
     pub audit: AuditLog,
+    /// The policy in force (built-in set until `run` configures files).
+    pub policy: PolicyStore,
 }
 
 impl ServerState {
@@ -135,6 +138,8 @@ impl ServerState {
             publish: Mutex::new(()),
             revocations,
             audit,
+            policy: PolicyStore::builtin()
+                .map_err(|e| ServiceError::Internal(format!("built-in policy: {e}")))?,
         };
         // Drops what expired while stopped and signs the first CRLs.
         state.prune_revocations()?;
@@ -181,6 +186,25 @@ impl ServerState {
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.config.trust_domain
+    }
+
+    /// Policy decision on a node attestation, for `node` as it is about to
+    /// be stored (every attestor calls this before storing the record).
+    /// Denied → `PolicyDenied` naming the reasons.
+    pub fn decide_attestation(&self, node: &NodeRecord) -> ServiceResult<()> {
+        let d = self.policy.decide(&PolicyRequest::Attest(node), self.now());
+        if d.allowed {
+            return Ok(());
+        }
+        tracing::warn!(agent = %node.spiffe_id, reasons = %d.reasons_text(), "policy denied node attestation");
+        Err(ServiceError::PolicyDenied {
+            message: format!(
+                "policy denies the attestation of {}: {}",
+                node.spiffe_id,
+                d.reasons_text()
+            ),
+            reasons: d.reasons,
+        })
     }
 
     /// The current time from the injected clock.

@@ -19,6 +19,7 @@ pub mod extract;
 pub mod health;
 pub mod mint;
 pub mod openapi;
+pub mod policy;
 pub mod revocations;
 pub mod tokens;
 
@@ -85,10 +86,12 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/revocations",
             post(revocations::revoke).get(revocations::list),
         ),
+        ("/v1/policy/check", post(policy::check_handler)),
     ]
 }
 
-/// The admin API as an axum router.
+/// The admin API as an axum router. Every routed request is decided by
+/// policy ([`policy::authorize`]) after its caller is attached.
 pub fn router(state: Arc<ServerState>) -> Router {
     let audited = Arc::clone(&state);
     routes()
@@ -96,6 +99,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .fold(Router::new(), |r, (path, mr)| {
             r.route(path, mr.fallback(error::method_not_allowed))
         })
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            policy::authorize,
+        ))
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(audited, audit::record))

@@ -978,3 +978,129 @@ async fn serve_binds_an_owner_only_socket_and_replaces_a_stale_one() {
     assert!(super::bind(&path).await.is_err());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
 }
+
+// --- Policy on the admin API ---
+
+fn use_policy(api: &Api, text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("local.cedar"), text).unwrap();
+    api.state
+        .policy
+        .configure(crate::policy::PolicySources {
+            paths: vec![dir.path().to_owned()],
+            default_policy: true,
+        })
+        .unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_policy_forbidding_entry_delete_answers_403_with_the_reason() {
+    let api = api();
+    let _dir = use_policy(
+        &api,
+        r#"@id("no-deletes")
+forbid (principal, action == Mayfly::Action::"entry.delete", resource);"#,
+    );
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/v1/entries",
+            Some(json!({"entries": [spec("web", "unix:uid:1000")]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = v["results"][0]["entry"]["id"].as_str().unwrap().to_owned();
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/entries/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(error_code(&v), "permission_denied");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no-deletes") && msg.contains("entry.delete"),
+        "{msg}"
+    );
+    assert_eq!(api.state.with_index(|ix| ix.len()), 1, "not deleted");
+    // Reading is still allowed.
+    let (status, _) = api
+        .call(Method::GET, &format!("/v1/entries/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_admin_request_without_a_caller_is_refused() {
+    let api = api();
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri("/v1/entries")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn policy_check_answers_allow_and_deny_with_reasons() {
+    let api = api();
+    let _dir = use_policy(
+        &api,
+        r#"@id("payments.business_hours")
+forbid (principal is Mayfly::Workload, action, resource is Mayfly::Entry)
+when { resource.spiffe_id like "spiffe://example.org/payments/*" && (context.hour < 9 || context.hour >= 17) };"#,
+    );
+    let node = json!({"attestor": "x509pop", "assurance": "high"});
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/v1/policy/check",
+            Some(
+                json!({"action": "issue_x509", "spiffe_id": "spiffe://example.org/payments/api",
+                        "node": node, "at": "2026-11-23T03:00:00Z"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["decision"], "deny");
+    assert_eq!(v["reasons"], json!(["payments.business_hours"]));
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/v1/policy/check",
+            Some(
+                json!({"action": "issue_x509", "spiffe_id": "spiffe://example.org/payments/api",
+                        "node": node, "at": "2026-11-23T10:00:00Z"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["decision"], "allow");
+    assert_eq!(v["reasons"], json!(["mayfly.default.issue"]));
+    // Admin operations are decided for the caller.
+    let (_, v) = api
+        .call(
+            Method::POST,
+            "/v1/policy/check",
+            Some(json!({"action": "entry.delete"})),
+        )
+        .await;
+    assert_eq!(v["decision"], "allow", "{v}");
+    // Unknown actions and missing facts are the caller's error.
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/v1/policy/check",
+            Some(json!({"action": "fly"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/policy/check",
+            Some(json!({"action": "issue_jwt"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -10,6 +10,7 @@ pub mod entry;
 pub mod healthcheck;
 pub mod mint;
 pub mod output;
+pub mod policy;
 pub mod revocation;
 pub mod token;
 
@@ -135,6 +136,16 @@ pub enum Command {
         #[command(subcommand)]
         command: mint::X509Command,
     },
+    /// Validate, print the schema of, and dry-run Cedar policies.
+    #[command(after_help = EXIT_CODES_SHORT)]
+    Policy {
+        /// Connection and output (check only).
+        #[command(flatten)]
+        conn: Conn,
+        /// The policy command.
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Mint JWT-SVIDs directly.
     #[command(after_help = EXIT_CODES_SHORT)]
     Jwt {
@@ -245,6 +256,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             client_runtime()?.block_on(mint::run_x509(&conn, command))
         }
         Command::Jwt { conn, command } => client_runtime()?.block_on(mint::run_jwt(&conn, command)),
+        Command::Policy { conn, command } => {
+            client_runtime()?.block_on(policy::run(&conn, command))
+        }
     }
 }
 

@@ -203,7 +203,9 @@ async fn x509pop_attest(
                 return Err(ServiceError::PermissionDenied(BANNED_FOREVER.into()));
             }
             refresh(n);
-            Ok(())
+            // Policy decides on the record as it would be stored; a denial
+            // leaves the stored record untouched.
+            state.decide_attestation(n)
         })?;
         let (node, reattested) = match updated {
             Some(n) => (n, true),
@@ -222,6 +224,7 @@ async fn x509pop_attest(
                     can_reattest: true,
                 };
                 refresh(&mut node);
+                state.decide_attestation(&node)?;
                 task_ctx.put_node(&node)?;
                 (node, false)
             }
@@ -287,6 +290,11 @@ async fn join_token(ctx: Arc<NodeCtx>, params: AttestParams) -> ServiceResult<At
             banned: false,
             can_reattest: false,
         };
+        if let Err(e) = state.decide_attestation(&node) {
+            // The token is spent; the SVID just signed is never handed out.
+            tracing::warn!(agent = %key, token_id = %record.id, "attestation refused by policy");
+            return Err(e);
+        }
         task_ctx.put_node(&node)?;
         tracing::info!(agent = %key, token_id = %record.id, serial = %node.current_serial, "agent attested");
         Ok((node, vec![signed.der]))

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use mayfly::SpiffeId;
 use mayfly::entry::{Entry, EntryId};
 use mayfly::matching::AgentView;
+use mayfly::ttl::Ttl;
 use mayfly::x509::SvidInfo;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -20,6 +21,7 @@ use x509_parser::extensions::ParsedExtension;
 use super::NodeCtx;
 use crate::authority::Kind;
 use crate::error::{ServiceError, ServiceResult};
+use crate::policy::{Issue, PolicyRequest};
 use crate::store::NodeRecord;
 
 /// "attest again": the node record is gone (evicted) or never existed.
@@ -67,54 +69,145 @@ impl Agent {
         }
     }
 
-    /// The entry `id` if it is authorized for this agent at `now`, else
-    /// `PermissionDenied` naming the entry. Besides the index's parent rule,
-    /// the entry's `min_assurance` and `max_attestation_age` must be met.
+    /// The entry `id` if it is authorized for this agent at `now` and
+    /// policy allows the issuance, with the TTL to sign with (the entry's
+    /// or the server default, capped by policy).
+    ///
+    /// Registration (the index's parent rule) is checked first:
+    /// `PermissionDenied` naming the entry. Then policy: when it denies
+    /// but would allow the same request after a fresh node attestation,
+    /// `ReattestRequired` if the node can re-attest, else `PolicyDenied`
+    /// explaining that its attestor cannot; otherwise `PolicyDenied` with
+    /// the reasons.
     pub fn authorize(
         &self,
         ctx: &NodeCtx,
         id: &str,
         now: OffsetDateTime,
-    ) -> ServiceResult<Arc<Entry>> {
-        let denied = |why: &str| {
+        ask: &IssueAsk<'_>,
+    ) -> ServiceResult<Authorized> {
+        let denied = || {
             ServiceError::PermissionDenied(format!(
-                "entry {id:?} is not authorized for agent {}{why}",
+                "entry {id:?} is not authorized for agent {}",
                 self.spiffe_id
             ))
         };
-        let entry_id: EntryId = id.parse().map_err(|_| denied(""))?;
+        let entry_id: EntryId = id.parse().map_err(|_| denied())?;
         let state = &ctx.state;
         let entry = state
             .with_index(|i| i.is_authorized(&self.view(&state.server_id), &entry_id, now))
-            .ok_or_else(|| denied(""))?;
+            .ok_or_else(denied)?;
+        let requested = if ask.jwt {
+            entry
+                .jwt_svid_ttl
+                .unwrap_or(state.config.default_jwt_svid_ttl)
+        } else {
+            entry
+                .x509_svid_ttl
+                .unwrap_or(state.config.default_x509_svid_ttl)
+        };
+        let issue = Issue {
+            node: &self.node,
+            entry: &entry,
+            task_id: ask.task_id,
+            audience: ask.audience,
+            requested_ttl: requested.as_secs(),
+            jwt: ask.jwt,
+        };
+        let engine = state.policy.engine();
+        let decision = engine.decide(&PolicyRequest::Issue(issue), now);
+        if decision.allowed {
+            return Ok(Authorized {
+                ttl: decision.cap(requested),
+                entry,
+            });
+        }
+        let kind = if ask.jwt { "JWT-SVID" } else { "X.509-SVID" };
+        let reasons = decision.reasons_text();
+        let why = self.unmet_entry_rules(&entry, now);
+        tracing::warn!(entry = %entry.id, spiffe_id = %entry.spiffe_id, reasons = %reasons, "policy denied {kind}");
+        let mut fresh = self.node.clone();
+        fresh.attested_at = now;
+        let fresh_issue = Issue {
+            node: &fresh,
+            ..issue
+        };
+        if engine
+            .decide(&PolicyRequest::Issue(fresh_issue), now)
+            .allowed
+        {
+            if self.node.can_reattest {
+                return Err(ServiceError::ReattestRequired(format!(
+                    "entry {id:?} ({}) needs a fresher node attestation{why} ({reasons}); attest again",
+                    entry.spiffe_id
+                )));
+            }
+            return Err(ServiceError::PolicyDenied {
+                message: format!(
+                    "entry {id:?} ({}) needs a fresher node attestation{why} ({reasons}), which \
+                     this agent's attestor ({}) cannot give; enrol the agent with a re-attestable \
+                     attestor such as x509pop, or relax the entry's max_attestation_age",
+                    entry.spiffe_id, self.node.attestor
+                ),
+                reasons: decision.reasons,
+            });
+        }
+        Err(ServiceError::PolicyDenied {
+            message: format!(
+                "policy denies a {kind} for entry {id:?} ({}){why}: {reasons}",
+                entry.spiffe_id
+            ),
+            reasons: decision.reasons,
+        })
+    }
+
+    /// The entry's own step-up rules this node does not meet, as a phrase
+    /// for error messages (empty when it meets them): what the built-in
+    /// policies enforce, said in words an operator can act on.
+    fn unmet_entry_rules(&self, entry: &Entry, now: OffsetDateTime) -> String {
+        let mut unmet = Vec::new();
         if let Some(min) = entry.min_assurance
             && self.node.assurance < min
         {
-            return Err(denied(&format!(
-                ": it requires {min} assurance and the node has {}",
-                self.node.assurance
-            )));
+            unmet.push(format!(
+                "it requires {min} assurance and the node has {} ({})",
+                self.node.assurance, self.node.attestor
+            ));
         }
         if let Some(age) = entry.max_attestation_age
             && now - self.node.attested_at > age.as_time()
         {
-            // Step-up: a re-attestable agent proves itself again and
-            // retries; any other agent cannot meet the entry's policy.
-            if self.node.can_reattest {
-                return Err(ServiceError::ReattestRequired(format!(
-                    "entry {id} ({}) requires a node attestation within {age}; attest again",
-                    entry.spiffe_id
-                )));
-            }
-            return Err(denied(&format!(
-                ": it requires a node attestation within {age}, and this agent attested with {} \
-                 at {}, which cannot prove itself again; enrol the node with a re-attestable \
-                 attestor such as x509pop",
-                self.node.attestor, self.node.attested_at
-            )));
+            unmet.push(format!(
+                "it requires a node attestation within {age} and the node last attested at {}",
+                self.node.attested_at
+            ));
         }
-        Ok(entry)
+        if unmet.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", unmet.join("; "))
+        }
     }
+}
+
+/// What an issuance asks for, as policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct IssueAsk<'a> {
+    /// JWT-SVID (else X.509-SVID).
+    pub jwt: bool,
+    /// JWT audience; empty for X.509.
+    pub audience: &'a [String],
+    /// The task asking; empty for shared entries.
+    pub task_id: &'a str,
+}
+
+/// An issuance that registration and policy allow.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// The entry.
+    pub entry: Arc<Entry>,
+    /// The TTL to sign with: the entry's or the default, capped by policy.
+    pub ttl: Ttl,
 }
 
 /// The leaf of the client's verified chain, or `Unauthenticated`.

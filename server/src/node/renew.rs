@@ -7,11 +7,26 @@ use mayfly::x509::VerifiedCsr;
 
 use super::NodeCtx;
 use super::auth::{self, Agent};
-use crate::error::ServiceResult;
+use crate::error::{ServiceError, ServiceResult};
+use crate::policy::PolicyRequest;
 
 /// Signs the renewed SVID and records its serial. Blocking.
 pub fn renew(ctx: &NodeCtx, agent: &Agent, req: &RenewRequest) -> ServiceResult<RenewResponse> {
     let state = &ctx.state;
+    let decision = state
+        .policy
+        .decide(&PolicyRequest::Renew(&agent.node), state.now());
+    if !decision.allowed {
+        tracing::warn!(reasons = %decision.reasons_text(), "policy denied agent renewal");
+        return Err(ServiceError::PolicyDenied {
+            message: format!(
+                "policy denies renewing {}: {}",
+                agent.spiffe_id,
+                decision.reasons_text()
+            ),
+            reasons: decision.reasons,
+        });
+    }
     let csr = VerifiedCsr::from_der(&req.csr)?;
     let signed = state.sign_x509_svid(
         &agent.spiffe_id,

@@ -10,7 +10,7 @@ use mayfly::x509::VerifiedCsr;
 use time::OffsetDateTime;
 
 use super::NodeCtx;
-use super::auth::Agent;
+use super::auth::{Agent, Authorized, IssueAsk};
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::IssuedRecord;
 
@@ -61,15 +61,16 @@ pub fn sign_x509(
     for item in &req.items {
         let span = tracing::info_span!("item", entry = %item.entry_id, task = %item.task_id);
         let _enter = span.enter();
-        let entry = agent.authorize(ctx, &item.entry_id, state.now())?;
+        let ask = IssueAsk {
+            jwt: false,
+            audience: &[],
+            task_id: &item.task_id,
+        };
+        let Authorized { entry, ttl } = agent.authorize(ctx, &item.entry_id, state.now(), &ask)?;
         let csr = VerifiedCsr::from_der(&item.csr)
             .map_err(|e| ServiceError::InvalidArgument(format!("entry {}: {e}", item.entry_id)))?;
-        let (signed, authority_id) = state.sign_x509_svid_by(
-            &entry.spiffe_id,
-            &csr,
-            entry.x509_svid_ttl,
-            &entry.dns_names,
-        )?;
+        let (signed, authority_id) =
+            state.sign_x509_svid_by(&entry.spiffe_id, &csr, Some(ttl), &entry.dns_names)?;
         records.push(issued(
             CredentialId::Serial(signed.serial_hex()),
             agent,
@@ -99,9 +100,14 @@ pub fn mint_jwt(
 ) -> ServiceResult<MintJwtResponse> {
     ctx.limits.check_signing(&agent.spiffe_id.to_string(), 1)?;
     let state = &ctx.state;
-    let entry = agent.authorize(ctx, &req.entry_id, state.now())?;
+    let ask = IssueAsk {
+        jwt: true,
+        audience: &req.audience,
+        task_id: &req.task_id,
+    };
+    let Authorized { entry, ttl } = agent.authorize(ctx, &req.entry_id, state.now(), &ask)?;
     let (token, expires_at, jti, key_id) =
-        state.mint_jwt_svid_by(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)?;
+        state.mint_jwt_svid_by(&entry.spiffe_id, &req.audience, Some(ttl))?;
     let exp = OffsetDateTime::from_unix_timestamp(expires_at)
         .map_err(|e| ServiceError::Internal(format!("token expiry out of range: {e}")))?;
     let records = [issued(
