@@ -1027,6 +1027,26 @@ forbid (principal, action == Mayfly::Action::"entry.delete", resource);"#,
         .call(Method::GET, &format!("/v1/entries/{id}"), None)
         .await;
     assert_eq!(status, StatusCode::OK);
+
+    // The refusal is in the audit log: who, what, deny, and the policy.
+    let (status, v) = api
+        .call(Method::GET, "/v1/audit?action=admin&limit=1000", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let denied: Vec<&Value> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "admin.DELETE /v1/entries/{id}")
+        .collect();
+    assert_eq!(denied.len(), 1, "{v}");
+    let r = denied[0];
+    assert_eq!(r["decision"], "deny", "{r}");
+    assert_eq!(r["result"], "error", "{r}");
+    assert_eq!(r["actor"]["id"], "unix:uid:0", "{r}");
+    assert_eq!(r["actor"]["kind"], "operator", "{r}");
+    assert_eq!(r["target"], id.as_str(), "{r}");
+    assert_eq!(r["reasons"], json!(["no-deletes"]), "{r}");
 }
 
 #[tokio::test]

@@ -137,9 +137,11 @@ impl AuditEvent {
         use crate::error::ServiceError as E;
         let (decision, reasons) = match error {
             E::PolicyDenied { reasons, .. } => (Decision::Deny, reasons.clone()),
-            E::PermissionDenied(_) | E::Unauthenticated(_) | E::FailedPrecondition(_) => {
-                (Decision::Deny, Vec::new())
-            }
+            E::PermissionDenied(_)
+            | E::Unauthenticated(_)
+            | E::FailedPrecondition(_)
+            | E::ReattestRequired(_)
+            | E::RateLimited(_) => (Decision::Deny, Vec::new()),
             _ => (Decision::Allow, Vec::new()),
         };
         Self {
