@@ -14,17 +14,20 @@ them, and values.schema.json rejects what it should. Nothing here needs a cluste
 from __future__ import annotations
 
 import sys
+import tomllib
 import unittest
 from pathlib import Path
 from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dockerfile  # noqa: E402
 import helm_python as helm  # noqa: E402
 import kubernetes_validate  # noqa: E402
 from chart_render import (  # noqa: E402
     CHART,
     NAMESPACE,
+    REPO,
     VALUES_FILES,
     Rendered,
     load_values,
@@ -693,6 +696,86 @@ class Schema(unittest.TestCase):
         self.assertEqual(
             spec["securityContext"], {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         )
+
+
+class ImagesMatchTheChart(unittest.TestCase):
+    """The Dockerfile (parsed with BuildKit's own parser) builds what the chart runs.
+
+    Docker Hub is out of reach here, so the images cannot be built in this sandbox; these checks
+    catch a Dockerfile that does not parse or that drifted from the chart.
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stages: dict[str, list[Any]] = {}
+        cls.args: dict[str, str] = {}
+        current = None
+        for command in dockerfile.parse_file(str(REPO / "Dockerfile")):
+            if command.cmd == "FROM":
+                name = command.value[2]
+                current = cls.stages.setdefault(name, [])
+                current.append(command)
+            elif current is None and command.cmd == "ARG":
+                key, _, default = command.value[0].partition("=")
+                cls.args[key] = default
+            elif current is not None:
+                current.append(command)
+        cls.chart = render()
+
+    def instruction(self, stage: str, cmd: str) -> Any:
+        found = [c for c in self.stages[stage] if c.cmd == cmd]
+        self.assertEqual(len(found), 1, f"{stage}: {cmd}")
+        return found[0]
+
+    def base(self, stage: str) -> str:
+        ref = self.instruction(stage, "FROM").value[0]
+        return self.args[ref.removeprefix("${").removesuffix("}")] if ref.startswith("${") else ref
+
+    def test_targets_and_builder(self) -> None:
+        self.assertEqual(sorted(self.stages), ["agent", "builder", "server"])
+        with open(REPO / "Cargo.toml", "rb") as f:
+            rust_version = tomllib.load(f)["workspace"]["package"]["rust-version"]
+        self.assertEqual(self.base("builder"), f"rust:{rust_version}-bookworm")
+        build = self.instruction("builder", "RUN").value[0]
+        self.assertIn("cargo build --release --locked -p mayfly-server -p mayfly-agent", build)
+        self.assertEqual(self.base("server"), "gcr.io/distroless/cc-debian12:nonroot")
+
+    def test_each_image_runs_what_the_chart_runs(self) -> None:
+        for stage, workload, name, port_values in (
+            ("server", self.chart.one("StatefulSet"), "server", ("nodeApiPort", "httpPort")),
+            ("agent", self.chart.one("DaemonSet"), "agent", ("healthPort",)),
+        ):
+            with self.subTest(image=stage):
+                c = container(workload, name)
+                binary = f"mayfly-{stage}"
+                self.assertEqual(c["command"], [binary])
+                copy = self.instruction(stage, "COPY")
+                self.assertEqual(copy.flags, ("--from=builder",))
+                self.assertEqual(copy.value[1], f"/usr/local/bin/{binary}")
+                self.assertEqual(self.instruction(stage, "ENTRYPOINT").value, (f"/usr/local/bin/{binary}",))
+                self.assertEqual(list(self.instruction(stage, "CMD").value), c["args"])
+                values = (
+                    self.chart.values["server"]["service"]
+                    if stage == "server"
+                    else self.chart.values["agent"]
+                )
+                exposed = sorted(int(p) for p in self.instruction(stage, "EXPOSE").value)
+                self.assertEqual(exposed, sorted(values[k] for k in port_values))
+
+    def test_server_image_user_is_the_charts_non_root_user(self) -> None:
+        uid, gid = self.instruction("server", "USER").value[0].split(":")
+        security = self.chart.values["server"]["securityContext"]
+        self.assertEqual((int(uid), int(gid)), (security["runAsUser"], security["runAsGroup"]))
+        self.assertNotEqual(int(uid), 0)
+        self.assertEqual(self.instruction("agent", "USER").value, ("0:0",))
+
+    def test_dockerignore_keeps_build_output_and_state_out(self) -> None:
+        ignored = {
+            line.strip()
+            for line in (REPO / ".dockerignore").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        }
+        self.assertLessEqual({"target/", ".git", ".mayfly/"}, ignored)
 
 
 if __name__ == "__main__":
