@@ -8,7 +8,10 @@ The chart is rendered with the chart's defaults and with each example values fil
 below runs on each of them: `helm lint --strict` passes, every object validates strictly against
 the Kubernetes API schema of K8S_VERSION, the security posture holds, the RBAC rules are exactly
 the intended ones, the rendered server.toml and agent.toml parse and agree with the objects around
-them, and values.schema.json rejects what it should. Nothing here needs a cluster or the network.
+them, and values.schema.json rejects what it should. Besides: the Dockerfile (parsed with
+BuildKit's parser) builds images that run what the chart runs, the schema is strict at every level
+and matches values.yaml, and docs/kubernetes.md documents every value. Nothing here needs a
+cluster or the network.
 """
 
 from __future__ import annotations
@@ -696,6 +699,87 @@ class Schema(unittest.TestCase):
         self.assertEqual(
             spec["securityContext"], {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         )
+
+
+# Values whose content is free-form Kubernetes (or a list of rules): documented as one key.
+OPAQUE_VALUES = {
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "podAnnotations",
+    "podLabels",
+    "annotations",
+    "files",
+}
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the chart's values, stopping at free-form maps and lists."""
+    paths = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in OPAQUE_VALUES:
+            paths += value_paths(value, f"{path}.")
+        else:
+            paths.append(path)
+    return paths
+
+
+class Documentation(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        with helm.Chart.load(CHART) as chart:
+            cls.defaults = chart.values
+            cls.schema = chart.schema
+        cls.doc_lines = (REPO / "docs" / "kubernetes.md").read_text().splitlines()
+
+    def documented(self, path: str) -> bool:
+        """`a.b.c` in backticks, or `.c` on a line that names `a.b.` (the doc's short form)."""
+        parent, _, leaf = path.rpartition(".")
+        for line in self.doc_lines:
+            if f"`{path}`" in line or f"`{path}," in line:
+                return True
+            if parent and f"`{parent}." in line and (f"`.{leaf}`" in line or f", .{leaf}" in line):
+                return True
+        return False
+
+    def test_every_value_is_in_docs_kubernetes_md(self) -> None:
+        missing = [p for p in value_paths(self.defaults) if not self.documented(p)]
+        self.assertEqual(missing, [], "values missing from docs/kubernetes.md")
+
+    def test_schema_and_values_yaml_describe_the_same_keys(self) -> None:
+        def walk(schema: dict[str, Any], values: dict[str, Any], path: str) -> None:
+            props = schema.get("properties")
+            if props is None and "$ref" in schema:
+                name = schema["$ref"].removeprefix("#/definitions/")
+                return walk(self.schema["definitions"][name], values, path)
+            if props is None:
+                return
+            for key in props:
+                if path == "" and key == "global":
+                    continue
+                self.assertIn(key, values, f"schema key {path}{key} has no default in values.yaml")
+                if isinstance(values[key], dict) and values[key] and key not in OPAQUE_VALUES:
+                    walk(props[key], values[key], f"{path}{key}.")
+
+        walk(self.schema, self.defaults, "")
+        self.chart_schema_is_strict(self.schema, "")
+
+    def chart_schema_is_strict(self, schema: dict[str, Any], path: str) -> None:
+        """Every object schema with named properties refuses unknown keys."""
+        if "properties" in schema:
+            self.assertIs(schema.get("additionalProperties"), False, f"{path or 'top level'} is not strict")
+            for key, sub in schema["properties"].items():
+                self.chart_schema_is_strict(sub, f"{path}{key}.")
+        for key in ("items",):
+            if isinstance(schema.get(key), dict):
+                self.chart_schema_is_strict(schema[key], f"{path}[].")
+        for name, sub in schema.get("definitions", {}).items():
+            self.chart_schema_is_strict(sub, f"#/definitions/{name}.")
+
+    def test_readme_lists_the_guide(self) -> None:
+        self.assertIn("`docs/kubernetes.md`", (REPO / "README.md").read_text())
 
 
 class ImagesMatchTheChart(unittest.TestCase):
