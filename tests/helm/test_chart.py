@@ -38,9 +38,11 @@ from chart_render import (  # noqa: E402
     render_file,
 )
 
-# The oldest Kubernetes minor the chart supports (Chart.yaml kubeVersion is >= 1.29; 1.30 is the
-# oldest release still maintained by most providers). Objects valid there are valid later too.
+# The Kubernetes version `helm lint` and the schema checks use (Chart.yaml kubeVersion is >= 1.29;
+# 1.30 is the oldest release most providers still maintain), and the newest one kubernetes-validate
+# knows, so that an API removed since would show.
 K8S_VERSION = "1.30.0"
+K8S_VERSIONS = (K8S_VERSION, "1.37.0")
 
 EXPECTED_KINDS = {
     "ConfigMap": 3,  # server.toml, agent.toml, the bundle (+1 with policy files)
@@ -140,15 +142,13 @@ class LintAndValidate(ValuesSets):
     def test_every_object_validates_strictly_against_kubernetes(self) -> None:
         for name, r in self.rendered.items():
             with self.subTest(values=name):
-                for obj in r.objects:
+                for obj, version in [(o, v) for o in r.objects for v in K8S_VERSIONS]:
                     ident = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
                     try:
-                        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+                        kubernetes_validate.validate(obj, version, strict=True)
                     except kubernetes_validate.ValidationError as e:
                         path = ".".join(str(p) for p in e.path)
-                        self.fail(
-                            f"{name}: {ident} is invalid for Kubernetes {K8S_VERSION}: {path}: {e.message}"
-                        )
+                        self.fail(f"{name}: {ident} is invalid for Kubernetes {version}: {path}: {e.message}")
                     except kubernetes_validate.SchemaNotFoundError as e:
                         self.fail(f"{name}: {ident}: {e.message}")
 
