@@ -17,7 +17,8 @@ use crate::ttl::Ttl;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EntryError {
-    /// An entry id is empty, too long or has characters outside `[A-Za-z0-9_-]`.
+    /// An entry id is empty, too long or has characters outside `[A-Za-z0-9_-]`
+    /// (and is not a `template:` id of a derived entry).
     #[error("entry id {0:?} must be 1-64 characters of letters, digits, '-' or '_'")]
     BadId(String),
     /// A SPIFFE ID field does not parse.
@@ -94,6 +95,20 @@ impl FromStr for EntryId {
     type Err = EntryError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(d) = crate::template::DerivedId::parse(s) {
+            // An entry derived from an identity template (never stored).
+            let ok = !d.template.is_empty()
+                && d.template.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                })
+                && crate::k8s_psat::is_dns_label(d.namespace)
+                && crate::k8s_psat::is_dns_subdomain(d.service_account);
+            return if ok {
+                Ok(Self(s.to_owned()))
+            } else {
+                Err(EntryError::BadId(s.to_owned()))
+            };
+        }
         if s.is_empty()
             || s.len() > 64
             || !s

@@ -90,6 +90,10 @@ pub struct Snapshot {
     pub revocations: Revocations,
     /// The current CRLs (DER) of the trust domain's X.509 authorities, handed to workloads.
     pub crls: Arc<Vec<Vec<u8>>>,
+    /// Identity templates that apply to this agent (automatic pod identities).
+    pub templates: Arc<Vec<mayfly::template::IdentityTemplate>>,
+    /// This agent's SPIFFE ID as of the last sync (the parent of derived entries).
+    pub agent_id: Option<mayfly::SpiffeId>,
 }
 
 /// The shared, watchable state.

@@ -83,6 +83,10 @@ struct RunArgs {
     /// agent.join_token).
     #[arg(long, value_name = "TOKEN")]
     join_token: Option<String>,
+    /// Only check the configuration, print a summary and exit: 0 when
+    /// valid, 1 with the error otherwise.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -228,6 +232,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => mayfly_agent::config::AgentConfig::load(path)?,
         None => mayfly_agent::config::AgentConfig::development(),
     };
+    if args.check {
+        println!(
+            "configuration valid: trust domain {}, server {}, socket {}, node attestor {}",
+            config.trust_domain,
+            config.server_address,
+            config.socket_path.display(),
+            match &config.node_attestor {
+                mayfly_agent::config::NodeAttestorConfig::JoinToken => "join_token".to_owned(),
+                mayfly_agent::config::NodeAttestorConfig::X509Pop { .. } => "x509pop".to_owned(),
+                mayfly_agent::config::NodeAttestorConfig::K8sPsat { cluster, .. } =>
+                    format!("k8s_psat (cluster {cluster})"),
+            }
+        );
+        return Ok(());
+    }
     let join_token = match args.join_token {
         Some(t) if t.trim().is_empty() => bail!("--join-token is empty"),
         Some(t) => Some(Zeroizing::new(t)),

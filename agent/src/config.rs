@@ -70,6 +70,19 @@ pub struct RawAgent {
     pub node_attestor: Option<String>,
     /// `[agent.x509pop]`: the node certificate and key.
     pub x509pop: Option<RawX509Pop>,
+    /// `[agent.k8s_psat]`: the cluster name and the projected token.
+    pub k8s_psat: Option<RawK8sPsat>,
+}
+
+/// `[agent.k8s_psat]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawK8sPsat {
+    /// The cluster's name, as configured on the server.
+    pub cluster: Option<String>,
+    /// The projected service account token; default
+    /// `/var/run/secrets/tokens/mayfly-agent`.
+    pub token_path: Option<PathBuf>,
 }
 
 /// `[agent.x509pop]` table.
@@ -95,6 +108,14 @@ pub enum NodeAttestorConfig {
         certificate_path: PathBuf,
         /// PEM private key (PKCS#8, SEC1 or PKCS#1).
         private_key_path: PathBuf,
+    },
+    /// A projected service account token of the agent's pod, checked by the
+    /// cluster's TokenReview; medium assurance, attests again whenever needed.
+    K8sPsat {
+        /// The cluster's name, as the server knows it.
+        cluster: mayfly::k8s_psat::ClusterName,
+        /// The projected token, read at each attestation.
+        token_path: PathBuf,
     },
 }
 
@@ -248,7 +269,38 @@ impl AgentConfig {
                             .into(),
                     ));
                 }
+                if a.k8s_psat.is_some() {
+                    return Err(invalid(
+                        "agent.k8s_psat",
+                        "is set but agent.node_attestor is join_token; set node_attestor = \"k8s_psat\""
+                            .into(),
+                    ));
+                }
                 NodeAttestorConfig::JoinToken
+            }
+            "k8s_psat" => {
+                let k = a.k8s_psat.unwrap_or_default();
+                let cluster = k.cluster.ok_or_else(|| {
+                    invalid(
+                        "agent.k8s_psat.cluster",
+                        "is required with node_attestor = \"k8s_psat\": the cluster's name as \
+                         configured on the server"
+                            .into(),
+                    )
+                })?;
+                NodeAttestorConfig::K8sPsat {
+                    cluster: cluster
+                        .parse()
+                        .map_err(|e: mayfly::k8s_psat::K8sPsatError| {
+                            invalid("agent.k8s_psat.cluster", e.to_string())
+                        })?,
+                    token_path: k
+                        .token_path
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or_else(|| {
+                            PathBuf::from(crate::attest::k8s_psat::DEFAULT_TOKEN_PATH)
+                        }),
+                }
             }
             "x509pop" => {
                 let x = a.x509pop.unwrap_or_default();
@@ -271,7 +323,7 @@ impl AgentConfig {
             other => {
                 return Err(invalid(
                     "agent.node_attestor",
-                    format!("must be join_token or x509pop, not {other:?}"),
+                    format!("must be join_token, x509pop or k8s_psat, not {other:?}"),
                 ));
             }
         };
@@ -354,6 +406,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server_address, "mayfly.example.org:8081");
+    }
+
+    #[test]
+    fn k8s_psat_attestor() {
+        let c = AgentConfig::parse(
+            "[agent]\nnode_attestor = \"k8s_psat\"\n[agent.k8s_psat]\ncluster = \"prod\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.node_attestor,
+            NodeAttestorConfig::K8sPsat {
+                cluster: "prod".parse().unwrap(),
+                token_path: PathBuf::from("/var/run/secrets/tokens/mayfly-agent"),
+            }
+        );
+        for (text, key) in [
+            ("node_attestor = \"k8s_psat\"\n", "agent.k8s_psat.cluster"),
+            (
+                "node_attestor = \"k8s_psat\"\n[agent.k8s_psat]\ncluster = \"Prod\"\n",
+                "agent.k8s_psat.cluster",
+            ),
+            ("[agent.k8s_psat]\ncluster = \"prod\"\n", "agent.k8s_psat"),
+        ] {
+            let err =
+                AgentConfig::parse(&format!("[agent]\n{text}"), Path::new("a.toml")).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -10,4 +10,5 @@ pub mod run;
 pub mod storage;
 pub mod sync;
 pub mod task;
+pub mod templates;
 pub mod workload;

@@ -11,7 +11,7 @@ use mayfly::clock::{Clock, SystemClock};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::attest::{JoinToken, JoinTokenAttestor, NodeAttestor, X509PopAttestor};
+use crate::attest::{JoinToken, JoinTokenAttestor, K8sPsatAttestor, NodeAttestor, X509PopAttestor};
 use crate::cache::Cache;
 use crate::client::tls::TrustAnchors;
 use crate::client::{ServerClient, TlsTransport};
@@ -119,6 +119,18 @@ async fn run_until(
             Some(Arc::new(X509PopAttestor::new(
                 certificate_path.clone(),
                 private_key_path.clone(),
+            )))
+        }
+        NodeAttestorConfig::K8sPsat {
+            cluster,
+            token_path,
+        } => {
+            if join_token.is_some() {
+                tracing::warn!("ignoring --join-token: agent.node_attestor is k8s_psat");
+            }
+            Some(Arc::new(K8sPsatAttestor::new(
+                cluster.clone(),
+                token_path.clone(),
             )))
         }
     };
@@ -298,12 +310,20 @@ async fn attest_until_done(
             .downcast_ref::<crate::client::ClientError>()
             .is_some_and(crate::client::ClientError::is_unavailable);
         if !unreachable {
-            let hint = if attestor.can_reattest() {
-                "check the node certificate and key files and that the server trusts their CA \
-                 (server.node_attestors.x509pop.ca_bundle_path)"
-            } else {
-                "if the join token was used or has expired, create a new one with \
-                 `mayfly-server token generate`"
+            let hint = match attestor.name() {
+                mayfly::x509pop::NAME => {
+                    "check the node certificate and key files and that the server trusts their \
+                     CA (server.node_attestors.x509pop.ca_bundle_path)"
+                }
+                mayfly::k8s_psat::NAME => {
+                    "check that agent.k8s_psat.cluster names a cluster configured on the server, \
+                     that the projected token requests the server's audience, and that the \
+                     agent's service account is in that cluster's service_account_allow_list"
+                }
+                _ => {
+                    "if the join token was used or has expired, create a new one with \
+                     `mayfly-server token generate`"
+                }
             };
             return Err(err.context(format!(
                 "node attestation ({}) failed; {hint}",

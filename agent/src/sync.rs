@@ -104,6 +104,18 @@ pub fn apply_sync_response(
     resp: &pb::SyncResponse,
     trust_domain: &TrustDomain,
 ) -> Applied {
+    apply_sync_response_as(snap, resp, trust_domain, None)
+}
+
+/// [`apply_sync_response`] for the agent `agent_id`: a full update also
+/// replaces the identity templates, and keeps the entries derived from the
+/// ones still sent (see [`crate::templates`]).
+pub fn apply_sync_response_as(
+    snap: &mut Snapshot,
+    resp: &pb::SyncResponse,
+    trust_domain: &TrustDomain,
+    agent_id: Option<&mayfly::SpiffeId>,
+) -> Applied {
     let mut applied = Applied::default();
     let mut upserts = Vec::with_capacity(resp.upserted.len());
     for p in &resp.upserted {
@@ -130,6 +142,15 @@ pub fn apply_sync_response(
                     .push(format!("removed entry id {raw:?} ignored: {e}")),
             }
         }
+    }
+    if resp.full {
+        let (templates, warnings) = crate::templates::parse(&resp.templates);
+        applied.warnings.extend(warnings);
+        if let Some(agent) = agent_id {
+            crate::templates::carry_over(&mut next, &snap.entries, &templates, trust_domain, agent);
+            snap.agent_id = Some(agent.clone());
+        }
+        snap.templates = Arc::new(templates);
     }
     for e in upserts {
         if let Some(old) = snap.entries.get(&e.id)
@@ -914,7 +935,13 @@ impl Syncer {
         let now = self.clock.now();
         let current = self.cache.current();
         let mut next = (*current).clone();
-        let applied = apply_sync_response(&mut next, resp, self.client.trust_domain());
+        let agent_id = self.client.identity().map(|i| i.spiffe_id.clone());
+        let applied = apply_sync_response_as(
+            &mut next,
+            resp,
+            self.client.trust_domain(),
+            agent_id.as_ref(),
+        );
         for w in &applied.warnings {
             tracing::warn!(revision = resp.revision, "sync: {w}");
         }

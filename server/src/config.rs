@@ -71,6 +71,8 @@ pub struct RawServer {
     pub default_policy: Option<bool>,
     /// How often policy files are checked for changes; default `2s`.
     pub policy_reload_interval: Option<String>,
+    /// `[server.k8s_bundle]`: publish the trust bundle to a ConfigMap.
+    pub k8s_bundle: Option<crate::k8s::config::RawK8sBundle>,
 }
 
 /// `[server.node_attestors]` table.
@@ -79,6 +81,8 @@ pub struct RawServer {
 pub struct RawNodeAttestors {
     /// `[server.node_attestors.x509pop]`; the attestor is disabled without it.
     pub x509pop: Option<RawX509Pop>,
+    /// `[server.node_attestors.k8s_psat]`; the attestor is disabled without it.
+    pub k8s_psat: Option<crate::k8s::config::RawK8sPsat>,
 }
 
 /// `[server.node_attestors.x509pop]` table.
@@ -183,6 +187,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// The `x509pop` node attestor; `None` (disabled) unless configured.
     pub x509pop: Option<X509PopConfig>,
+    /// The `k8s_psat` node attestor; `None` (disabled) unless configured.
+    pub k8s_psat: Option<crate::k8s::K8sPsatConfig>,
+    /// Where the trust bundle is published in Kubernetes, if anywhere.
+    pub k8s_bundle: Option<crate::k8s::K8sBundleConfig>,
     /// Per-identity rate limits.
     pub rate_limits: RateLimitConfig,
     /// Where audit records are copied as JSON lines; see
@@ -331,6 +339,15 @@ impl ServerConfig {
                 },
             }),
         };
+        let k8s_psat = s
+            .node_attestors
+            .k8s_psat
+            .map(|k| crate::k8s::config::k8s_psat(k, path))
+            .transpose()?;
+        let k8s_bundle = s
+            .k8s_bundle
+            .map(|k| crate::k8s::config::k8s_bundle(k, path))
+            .transpose()?;
         let defaults = RateLimitConfig::default();
         let r = s.rate_limits;
         let rate_limits = RateLimitConfig {
@@ -353,6 +370,8 @@ impl ServerConfig {
         let cfg = Self {
             audit_log_path,
             x509pop,
+            k8s_psat,
+            k8s_bundle,
             rate_limits,
             trust_domain,
             data_dir,

@@ -41,6 +41,10 @@ pub enum ServiceError {
     /// The caller exceeded its rate limit; it may retry later.
     #[error("{0}")]
     RateLimited(String),
+    /// A service the server depends on (a cluster's API) failed; the
+    /// caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

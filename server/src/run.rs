@@ -174,7 +174,23 @@ pub async fn start(
     let http_addr = http_listener
         .local_addr()
         .context("reading the public HTTP address")?;
-    let node_task = crate::node::start(Arc::clone(&state), listener, stop_rx.clone())?;
+    // Kubernetes API clients: a bad kubeconfig or missing in-cluster
+    // credentials stop the server here rather than at the first attestation.
+    let clusters = crate::k8s::Clusters::connect(config.k8s_psat.as_ref())
+        .await
+        .context("server.node_attestors.k8s_psat")?;
+    if let Some(bundle) = &config.k8s_bundle {
+        let client = crate::k8s::client(bundle.kubeconfig_path.as_deref(), "server.k8s_bundle")
+            .await
+            .context("server.k8s_bundle")?;
+        tokio::spawn(crate::k8s::bundle::run(
+            Arc::clone(&state),
+            client,
+            bundle.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let node_task = crate::node::start(Arc::clone(&state), listener, clusters, stop_rx.clone())?;
     tracing::info!(addr = %node_addr, "node API listening on {node_addr}");
 
     let http_task = {

@@ -29,12 +29,7 @@ const BUNDLE_KEY: &str = "bundle";
 /// Writes the X.509 authorities of `bundle` as PEM to `path`, atomically
 /// (temp file + fsync + rename), readable by all (they are public).
 pub fn write_bundle_pem(bundle: &TrustBundle, path: &Path) -> std::io::Result<()> {
-    let pems: Vec<pem::Pem> = bundle
-        .x509_authorities
-        .iter()
-        .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
-        .collect();
-    let text = pem::encode_many(&pems);
+    let text = bundle_pem(bundle);
     let tmp = path.with_extension("pem.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -45,6 +40,16 @@ pub fn write_bundle_pem(bundle: &TrustBundle, path: &Path) -> std::io::Result<()
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// The X.509 authorities of `bundle`, PEM.
+pub fn bundle_pem(bundle: &TrustBundle) -> String {
+    let pems: Vec<pem::Pem> = bundle
+        .x509_authorities
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+        .collect();
+    pem::encode_many(&pems)
 }
 
 /// A change that `Sync` streams may need to push.
@@ -227,6 +232,11 @@ impl ServerState {
     /// agents (`trust_bundle_path`).
     pub fn bundle_pem_path(&self) -> PathBuf {
         self.config.data_dir.join("bundle.pem")
+    }
+
+    /// The current X.509 authorities, PEM.
+    pub fn bundle_pem_text(&self) -> String {
+        bundle_pem(&self.bundle())
     }
 
     /// Writes the current X.509 authorities to [`Self::bundle_pem_path`].

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
-use hyper_util::rt::TokioIo;
 use mayfly::entry::{Assurance, EntryId, EntrySpec};
 use mayfly::proto::node::node_client::NodeClient;
 use mayfly::proto::node::{
@@ -21,53 +20,14 @@ use mayfly_server::run::{RunningServer, run};
 use mayfly_server::state::ServerState;
 use prost::Message as _;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// These tests are about attestation, not about how the agent trusts the
-/// server (`node_api.rs` covers that): any server certificate is accepted.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 struct Node {
     chain: Vec<Vec<u8>>,
@@ -145,37 +105,11 @@ impl TestServer {
     }
 
     async fn client(&self, identity: Option<&Svid>) -> NodeClient<Channel> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-        let mut config = match identity {
-            Some(svid) => builder
-                .with_client_auth_cert(
-                    vec![CertificateDer::from(svid.cert.clone())],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.key_pkcs8.to_vec())),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let addr = self.addr();
-        let channel = Endpoint::from_static("http://mayfly-server")
-            .connect_with_connector(tower::service_fn(move |_uri| {
-                let connector = connector.clone();
-                async move {
-                    let tcp = TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from("mayfly-server").unwrap();
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .unwrap();
-        NodeClient::new(channel)
+        support::node_client(
+            self.addr(),
+            identity.map(|svid| (svid.cert.clone(), svid.key.key_pkcs8.to_vec())),
+        )
+        .await
     }
 
     async fn add_entry(&self, spiffe_id: &str, parent: &str, max_age: Option<&str>) -> String {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod fake_kube;
+
 /// The trust domain every harness server uses.
 pub const TRUST_DOMAIN: &str = "example.org";
 

@@ -397,6 +397,7 @@ impl WorkloadApi {
             Err(e) => return Err(fail(&span, e.into())),
         };
         tracing::debug!(parent: &span, selectors = selectors.len(), "caller attested");
+        self.derive_template_entries(&selectors, &span);
         let task = match &self.tasks {
             Some(tasks) => {
                 let Some(task) = tasks.task_of(&peer) else {
@@ -417,6 +418,24 @@ impl WorkloadApi {
             who: Who { selectors, task },
             span,
         })
+    }
+
+    /// Adds the entries the identity templates derive for a caller with
+    /// `selectors` (automatic pod identities), if the agent does not hold
+    /// them yet.
+    fn derive_template_entries(&self, selectors: &SelectorSet, span: &Span) {
+        let snap = self.cache.current();
+        if snap.templates.is_empty()
+            || crate::templates::missing(&snap, selectors, &self.trust_domain).is_empty()
+        {
+            return;
+        }
+        self.cache.update(|s| {
+            for e in crate::templates::missing(s, selectors, &self.trust_domain) {
+                tracing::info!(parent: span, entry_id = %e.id, spiffe_id = %e.spiffe_id, "entry derived from an identity template");
+                s.entries.insert(e.id.clone(), std::sync::Arc::new(e));
+            }
+        });
     }
 
     /// The caller's matching entries in `snap`, or `PermissionDenied`.

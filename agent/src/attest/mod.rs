@@ -5,6 +5,7 @@
 //! is a small type behind the narrow [`NodeAttestor`] trait, used as `dyn`.
 
 pub mod join_token;
+pub mod k8s_psat;
 pub mod x509pop;
 
 use mayfly::SpiffeId;
@@ -13,6 +14,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 pub use join_token::{JoinToken, JoinTokenAttestor};
+pub use k8s_psat::K8sPsatAttestor;
 pub use x509pop::X509PopAttestor;
 
 /// Why evidence could not be produced.

@@ -299,6 +299,7 @@ impl Node for MockNode {
             bundle: Some(self.0.bundle().to_proto()),
             revocations: self.0.revocations.lock().unwrap().clone(),
             crls: self.0.crls.lock().unwrap().clone(),
+            templates: Vec::new(),
         };
         let mut updates = self.0.updates.subscribe();
         let mut down = self.0.down.subscribe();

@@ -106,6 +106,7 @@ impl From<ServiceError> for ApiError {
                 (StatusCode::PRECONDITION_FAILED, "failed_precondition")
             }
             ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::Store(_) | ServiceError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

@@ -166,6 +166,10 @@ pub struct RunArgs {
     /// node API on 127.0.0.1:8081.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Only check the configuration (and the policy files it names), print
+    /// a summary and exit: 0 when valid, 1 with the error otherwise.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// How client commands reach the server and print results.
@@ -237,6 +241,7 @@ pub fn main() -> ExitCode {
 /// reported its own failure (a failed healthcheck, a partly failed batch).
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) if args.check => check(args.config.as_deref()),
         Command::Run(args) => run(args.config.as_deref()),
         Command::Healthcheck(conn) => client_runtime()?.block_on(healthcheck::run(&conn)),
         Command::Entry { conn, command } => client_runtime()?.block_on(entry::run(&conn, *command)),
@@ -270,6 +275,44 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `mayfly-server run`.
+/// `run --check`: the configuration and its policies, validated offline.
+fn check(config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = match config_file {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::development(),
+    };
+    let policies =
+        crate::policy::loader::load(&config.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let clusters = config
+        .k8s_psat
+        .as_ref()
+        .map(|k| {
+            k.clusters
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    println!(
+        "configuration valid: trust domain {}, data in {}, node API {}, {} policies, node attestors: join_token{}{}",
+        config.trust_domain,
+        config.data_dir.display(),
+        config.bind_address,
+        policies.len(),
+        if config.x509pop.is_some() {
+            ", x509pop"
+        } else {
+            ""
+        },
+        if clusters.is_empty() {
+            String::new()
+        } else {
+            format!(", k8s_psat (clusters {})", clusters.join(", "))
+        },
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = match config_file {
         Some(path) => ServerConfig::load(path)?,

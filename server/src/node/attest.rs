@@ -79,11 +79,20 @@ pub async fn attest(
         X509POP if ctx.state.config.x509pop.is_some() => {
             x509pop_attest(ctx, params, &mut inbound, outbound).await?
         }
+        super::k8s_psat::NAME if !ctx.k8s.is_empty() => {
+            super::k8s_psat::attest(ctx, params).await?
+        }
         other => {
-            let supported = if ctx.state.config.x509pop.is_some() {
-                format!("{JOIN_TOKEN} and {X509POP}")
-            } else {
-                JOIN_TOKEN.to_owned()
+            let mut supported = vec![JOIN_TOKEN];
+            if ctx.state.config.x509pop.is_some() {
+                supported.push(X509POP);
+            }
+            if !ctx.k8s.is_empty() {
+                supported.push(super::k8s_psat::NAME);
+            }
+            let supported = match supported.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+                _ => JOIN_TOKEN.to_owned(),
             };
             return Err(ServiceError::InvalidArgument(format!(
                 "unknown node attestor {other:?}; this server supports {supported}"
@@ -94,7 +103,92 @@ pub async fn attest(
     Ok(result)
 }
 
-fn result_for(ctx: &NodeCtx, node: &NodeRecord, chain: Vec<Vec<u8>>) -> AttestResult {
+/// A node that a re-attestable attestor has just verified.
+pub(super) struct Attested {
+    /// Its agent ID.
+    pub agent_id: mayfly::SpiffeId,
+    /// The CSR of its new agent SVID.
+    pub csr: VerifiedCsr,
+    /// The attestor's name.
+    pub attestor: &'static str,
+    /// The attestor's assurance.
+    pub assurance: Assurance,
+    /// The node selectors the attestor established.
+    pub selectors: mayfly::selector::SelectorSet,
+}
+
+/// Signs the agent SVID and stores or refreshes the node record of a
+/// re-attestable attestor (`x509pop`, `k8s_psat`): refused when banned
+/// (checked again under the node lock, so that a concurrent ban wins) or
+/// when policy denies the attestation (the stored record is then left
+/// untouched). A node that attests again keeps its ID and is told to its
+/// `Sync` stream.
+pub(super) async fn store_reattestable(
+    ctx: &Arc<NodeCtx>,
+    a: Attested,
+) -> ServiceResult<(NodeRecord, Vec<Vec<u8>>)> {
+    let task_ctx = Arc::clone(ctx);
+    let (node, chain, reattested) = blocking(move || {
+        let state = &task_ctx.state;
+        let key = a.agent_id.to_string();
+        if state.store.get_node(&key)?.is_some_and(|n| n.banned) {
+            return Err(ServiceError::PermissionDenied(BANNED_FOREVER.into()));
+        }
+        let signed =
+            state.sign_x509_svid(&a.agent_id, &a.csr, Some(state.config.agent_svid_ttl), &[])?;
+        let now = state.now();
+        let refresh = |n: &mut NodeRecord| {
+            n.attestor = a.attestor.into();
+            n.assurance = a.assurance;
+            n.selectors = a.selectors.clone();
+            n.attested_at = now;
+            n.current_serial = signed.serial_hex();
+            n.next_serial = None;
+            n.svid_expires_at = signed.not_after;
+            n.can_reattest = true;
+        };
+        // Serialised with bans: a ban that lands first is seen here.
+        let updated = state.update_node(&key, |n| {
+            if n.banned {
+                return Err(ServiceError::PermissionDenied(BANNED_FOREVER.into()));
+            }
+            refresh(n);
+            // Policy decides on the record as it would be stored; a denial
+            // leaves the stored record untouched.
+            state.decide_attestation(n)
+        })?;
+        let (node, reattested) = match updated {
+            Some(n) => (n, true),
+            None => {
+                let mut node = NodeRecord {
+                    spiffe_id: a.agent_id.clone(),
+                    attestor: a.attestor.into(),
+                    assurance: a.assurance,
+                    selectors: Default::default(),
+                    enrolled_aliases: Vec::new(),
+                    attested_at: now,
+                    current_serial: String::new(),
+                    next_serial: None,
+                    svid_expires_at: signed.not_after,
+                    banned: false,
+                    can_reattest: true,
+                };
+                refresh(&mut node);
+                state.decide_attestation(&node)?;
+                task_ctx.put_node(&node)?;
+                (node, false)
+            }
+        };
+        Ok((node, vec![signed.der], reattested))
+    })
+    .await?;
+    if reattested {
+        ctx.state.notify_node(&node.spiffe_id.to_string());
+    }
+    Ok((node, chain))
+}
+
+pub(super) fn result_for(ctx: &NodeCtx, node: &NodeRecord, chain: Vec<Vec<u8>>) -> AttestResult {
     AttestResult {
         spiffe_id: node.spiffe_id.to_string(),
         svid_chain: chain,
@@ -176,66 +270,20 @@ async fn x509pop_attest(
     };
     x509pop::verify_proof(&verified, &challenge, &params.csr, &signature)?;
 
-    let task_ctx = Arc::clone(&ctx);
-    let (node, chain, reattested) = blocking(move || {
-        let state = &task_ctx.state;
-        let key = agent_id.to_string();
-        let signed = state.sign_x509_svid(
-            &agent_id,
-            &csr,
-            Some(state.config.agent_svid_ttl),
-            &[],
-        )?;
-        let now = state.now();
-        let refresh = |n: &mut NodeRecord| {
-            n.attestor = X509POP.into();
-            n.assurance = Assurance::High;
-            n.selectors = verified.selectors.clone();
-            n.attested_at = now;
-            n.current_serial = signed.serial_hex();
-            n.next_serial = None;
-            n.svid_expires_at = signed.not_after;
-            n.can_reattest = true;
-        };
-        // Serialised with bans: a ban that lands first is seen here.
-        let updated = state.update_node(&key, |n| {
-            if n.banned {
-                return Err(ServiceError::PermissionDenied(BANNED_FOREVER.into()));
-            }
-            refresh(n);
-            // Policy decides on the record as it would be stored; a denial
-            // leaves the stored record untouched.
-            state.decide_attestation(n)
-        })?;
-        let (node, reattested) = match updated {
-            Some(n) => (n, true),
-            None => {
-                let mut node = NodeRecord {
-                    spiffe_id: agent_id.clone(),
-                    attestor: X509POP.into(),
-                    assurance: Assurance::High,
-                    selectors: Default::default(),
-                    enrolled_aliases: Vec::new(),
-                    attested_at: now,
-                    current_serial: String::new(),
-                    next_serial: None,
-                    svid_expires_at: signed.not_after,
-                    banned: false,
-                    can_reattest: true,
-                };
-                refresh(&mut node);
-                state.decide_attestation(&node)?;
-                task_ctx.put_node(&node)?;
-                (node, false)
-            }
-        };
-        tracing::info!(agent = %key, serial = %node.current_serial, ca = %verified.ca_fingerprint, reattested, "agent attested with x509pop");
-        Ok((node, vec![signed.der], reattested))
-    })
+    let selectors = verified.selectors.clone();
+    let ca_fingerprint = verified.ca_fingerprint.clone();
+    let (node, chain) = store_reattestable(
+        &ctx,
+        Attested {
+            agent_id,
+            csr,
+            attestor: X509POP,
+            assurance: Assurance::High,
+            selectors,
+        },
+    )
     .await?;
-    if reattested {
-        ctx.state.notify_node(&node.spiffe_id.to_string());
-    }
+    tracing::info!(agent = %node.spiffe_id, serial = %node.current_serial, ca = %ca_fingerprint, "agent attested with x509pop");
     Ok(result_for(&ctx, &node, chain))
 }
 

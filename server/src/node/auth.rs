@@ -11,6 +11,7 @@ use std::sync::Arc;
 use mayfly::SpiffeId;
 use mayfly::entry::{Entry, EntryId};
 use mayfly::matching::AgentView;
+use mayfly::template::DerivedId;
 use mayfly::ttl::Ttl;
 use mayfly::x509::SvidInfo;
 use rustls_pki_types::CertificateDer;
@@ -92,11 +93,19 @@ impl Agent {
                 self.spiffe_id
             ))
         };
-        let entry_id: EntryId = id.parse().map_err(|_| denied())?;
         let state = &ctx.state;
-        let entry = state
-            .with_index(|i| i.is_authorized(&self.view(&state.server_id), &entry_id, now))
-            .ok_or_else(denied)?;
+        let entry = match DerivedId::parse(id) {
+            // An entry derived from one of the agent's identity templates.
+            Some(derived) => super::templates::derive(&state.config, &self.node, &derived)
+                .map(Arc::new)
+                .ok_or_else(denied)?,
+            None => {
+                let entry_id: EntryId = id.parse().map_err(|_| denied())?;
+                state
+                    .with_index(|i| i.is_authorized(&self.view(&state.server_id), &entry_id, now))
+                    .ok_or_else(denied)?
+            }
+        };
         let requested = if ask.jwt {
             entry
                 .jwt_svid_ttl

@@ -13,11 +13,13 @@
 pub mod attest;
 pub mod audit;
 pub mod auth;
+pub mod k8s_psat;
 pub mod rate_limit;
 pub mod renew;
 pub mod sign;
 pub mod status;
 pub mod sync;
+pub mod templates;
 pub mod x509pop;
 
 use std::net::SocketAddr;
@@ -79,6 +81,8 @@ pub struct NodeCtx {
     pub state: Arc<ServerState>,
     /// Per-identity rate limits (`[server.rate_limits]`).
     pub limits: rate_limit::RateLimits,
+    /// The API clients of the `k8s_psat` clusters (empty when off).
+    pub k8s: crate::k8s::Clusters,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -90,8 +94,15 @@ impl NodeCtx {
         Self {
             state,
             limits,
+            k8s: crate::k8s::Clusters::default(),
             shutdown,
         }
+    }
+
+    /// With the API clients of the `k8s_psat` clusters.
+    pub fn with_k8s(mut self, k8s: crate::k8s::Clusters) -> Self {
+        self.k8s = k8s;
+        self
     }
 
     /// Stores a node. Blocking.
@@ -412,6 +423,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, NodeApiError> {
 pub fn start(
     state: Arc<ServerState>,
     listener: TcpListener,
+    k8s: crate::k8s::Clusters,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<Result<(), NodeApiError>>, NodeApiError> {
     let svid = tls::issue_server_svid(&state, &tls::provider())?;
@@ -428,7 +440,9 @@ pub fn start(
     let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(64);
     tokio::spawn(accept_loop(listener, acceptor, tx, shutdown.clone()));
 
-    let service = NodeService::new(Arc::new(NodeCtx::new(state, shutdown.clone())));
+    let service = NodeService::new(Arc::new(
+        NodeCtx::new(state, shutdown.clone()).with_k8s(k8s),
+    ));
     let mut signal = shutdown;
     Ok(tokio::spawn(async move {
         tonic::transport::Server::builder()

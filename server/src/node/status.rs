@@ -28,6 +28,7 @@ impl From<ServiceError> for Status {
                 s
             }
             ServiceError::RateLimited(m) => Status::resource_exhausted(m),
+            ServiceError::Unavailable(m) => Status::unavailable(m),
             ServiceError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::unavailable("the server's store failed; try again")

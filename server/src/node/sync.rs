@@ -17,6 +17,7 @@ use mayfly::bundle::TrustBundle;
 use mayfly::entry::{Entry, EntryId};
 use mayfly::proto::node::SyncResponse;
 use mayfly::revocation::Revocation;
+use mayfly::template::IdentityTemplate;
 use time::OffsetDateTime;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
@@ -84,6 +85,10 @@ fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<
             .map(Revocation::to_proto)
             .collect(),
         crls,
+        templates: super::templates::for_node(&ctx.state.config, &agent.node)
+            .iter()
+            .map(IdentityTemplate::to_proto)
+            .collect(),
     };
     sent.crl_generation = Some(generation);
     sent.entries = v
@@ -148,6 +153,7 @@ fn delta(
         bundle: bundle_changed.then(|| bundle.to_proto()),
         revocations,
         crls: if crls_changed { crls } else { Vec::new() },
+        templates: Vec::new(),
     };
     sent.bundle = Some(bundle);
     (Some(msg), v.next_expiry)

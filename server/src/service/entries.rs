@@ -137,6 +137,13 @@ impl ServerState {
     fn create_one(&self, spec: &EntrySpec) -> ServiceResult<Entry> {
         let id = match &spec.id {
             Some(id) => {
+                if id.starts_with(mayfly::template::ENTRY_ID_PREFIX) {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "entry id {id:?}: ids starting with {:?} name entries derived from \
+                         identity templates and cannot be registered",
+                        mayfly::template::ENTRY_ID_PREFIX
+                    )));
+                }
                 let id = parse_entry_id(id)?;
                 if self.with_index(|ix| ix.get(&id).is_some()) {
                     return Err(ServiceError::AlreadyExists(format!(

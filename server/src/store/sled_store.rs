@@ -304,6 +304,22 @@ mod tests {
     use super::*;
     use mayfly::entry::EntrySpec;
 
+    /// Opens a store just closed in this process: sled's flusher thread
+    /// may hold the directory lock for a moment after the last handle is
+    /// dropped (a restarted server is a new process and never sees this).
+    fn reopen(dir: &std::path::Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.display()),
+            }
+        }
+    }
+
     fn entry() -> Entry {
         EntrySpec {
             spiffe_id: "spiffe://example.org/web".into(),
@@ -336,7 +352,7 @@ mod tests {
             })
             .unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.list_entries().unwrap(), vec![e.clone()]);
         assert!(s.take_join_token("abc").unwrap().is_some());
         assert!(s.take_join_token("abc").unwrap().is_none());
@@ -365,7 +381,7 @@ mod tests {
             s.append_audit(&records[..1]).unwrap();
             s.append_audit(&records[1..]).unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.audit_head().unwrap(), Some(records[299].head()));
         // Big-endian keys: 256 sorts after 255, not after 1.
         assert_eq!(s.list_audit(0, 1000).unwrap(), records);
