@@ -250,7 +250,7 @@ async fn run_until(
     let minter: Arc<dyn crate::api::JwtMinter> = client;
     let api = crate::api::WorkloadApi::new(
         cache,
-        Arc::new(crate::workload::UnixAttestor::new()),
+        Arc::new(crate::workload::Attestors::host_defaults()),
         minter,
         td,
     )

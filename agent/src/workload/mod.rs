@@ -4,12 +4,18 @@
 //! connection is accepted; an attestor turns them into selectors (`unix:uid:1000`, ...), which
 //! the Workload API matches against the registration entries it holds.
 
+pub mod cgroup;
+#[cfg(test)]
+pub(crate) mod fake_proc;
+pub mod systemd;
 pub mod unix;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use mayfly::selector::SelectorSet;
 
+pub use systemd::SystemdAttestor;
 pub use unix::UnixAttestor;
 
 /// The caller's credentials as the kernel reported them for the connection (`SO_PEERCRED`):
@@ -75,11 +81,43 @@ pub enum AttestError {
     Internal(String),
 }
 
-/// Produces the selectors of a caller. Implementations are defined per platform (`unix` now;
-/// `k8s`, `docker`, `systemd` later) and used as `dyn WorkloadAttestor`.
+/// Produces the selectors of a caller. Implementations are defined per platform (`unix`,
+/// `systemd`; `k8s` and `docker` later) and used as `dyn WorkloadAttestor`.
 #[tonic::async_trait]
 pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// Every selector that holds for the caller. A selector that cannot be established is left
     /// out, never guessed: fewer selectors can only match fewer entries.
     async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError>;
+}
+
+/// Several attestors as one: the caller's selectors are the union of theirs. Any attestor's
+/// refusal (the process is gone, its pid was reused) refuses the caller: a partial answer
+/// could match an entry meant for another process.
+#[derive(Debug, Clone)]
+pub struct Attestors(Vec<Arc<dyn WorkloadAttestor>>);
+
+impl Attestors {
+    /// The union of `attestors`, run in order.
+    pub fn new(attestors: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        Self(attestors)
+    }
+
+    /// What the agent runs by default on a host: `unix` and `systemd`.
+    pub fn host_defaults() -> Self {
+        Self::new(vec![
+            Arc::new(UnixAttestor::new()),
+            Arc::new(SystemdAttestor::new()),
+        ])
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadAttestor for Attestors {
+    async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
+        let mut out = SelectorSet::new();
+        for a in &self.0 {
+            out.extend(a.attest(peer).await?);
+        }
+        Ok(out)
+    }
 }
