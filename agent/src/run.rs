@@ -19,7 +19,9 @@ use crate::config::{AgentConfig, NodeAttestorConfig};
 use crate::health::{self, HealthState, OPERATOR_ACTION};
 use crate::storage::{self, Storage};
 use crate::sync::{self, Backoff, Syncer};
-use crate::task::{PidfdWatcher, Tasks};
+use crate::task::{PidfdWatcher, PodWatcher, TaskWatcher, TaskWatchers, Tasks};
+use crate::workload::K8sAttestor;
+use crate::workload::kubelet::{KubeletClient, PodLists};
 
 /// The environment variable that carries a join token.
 pub const JOIN_TOKEN_ENV: &str = "MAYFLY_JOIN_TOKEN";
@@ -238,9 +240,28 @@ async fn run_until(
         stopped(stop_rx.clone()),
     ));
     let client = Arc::new(client);
+    let mut attestors = crate::workload::Attestors::host_defaults();
+    let mut watcher: Arc<dyn TaskWatcher> = Arc::new(PidfdWatcher::new());
+    if let Some(k8s) = &config.k8s {
+        let kubelet = KubeletClient::new(k8s).context("agent.k8s")?;
+        let pods = Arc::new(PodLists::new(Arc::new(kubelet)));
+        attestors = attestors.with(Arc::new(
+            K8sAttestor::new(pods.clone(), k8s.max_poll_attempts, k8s.poll_retry_interval)
+                .with_node_name(k8s.node_name.clone()),
+        ));
+        watcher = Arc::new(TaskWatchers::new(vec![
+            watcher,
+            Arc::new(PodWatcher::new(pods)),
+        ]));
+        tracing::info!(
+            kubelet_url = %k8s.kubelet_url,
+            node_name = k8s.node_name.as_deref().unwrap_or(""),
+            "k8s workload attestor enabled; pods are tasks"
+        );
+    }
     let tasks = Tasks::new(
         cache.clone(),
-        Arc::new(PidfdWatcher::new()),
+        watcher,
         client.clone(),
         &config.data_dir,
         clock.clone(),
@@ -248,14 +269,9 @@ async fn run_until(
     .context("agent data directory")?;
     let tasks_task = tokio::spawn(tasks.clone().run(stop_rx.clone()));
     let minter: Arc<dyn crate::api::JwtMinter> = client;
-    let api = crate::api::WorkloadApi::new(
-        cache,
-        Arc::new(crate::workload::Attestors::host_defaults()),
-        minter,
-        td,
-    )
-    .with_clock(clock)
-    .with_tasks(tasks);
+    let api = crate::api::WorkloadApi::new(cache, Arc::new(attestors), minter, td)
+        .with_clock(clock)
+        .with_tasks(tasks);
     let served = crate::api::serve_api(&config.socket_path, api, stopped(stop_rx.clone())).await;
     // The Workload API ended (shutdown or failure): stop the rest.
     stop_tx.send_replace(true);

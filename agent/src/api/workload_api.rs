@@ -140,7 +140,8 @@ pub enum ApiError {
     /// (`PermissionDenied`).
     #[error("caller cannot be identified")]
     NoPeer,
-    /// Attesting the caller failed, for example because it exited (`PermissionDenied`).
+    /// Attesting the caller failed, for example because it exited (`PermissionDenied`; or
+    /// `Unavailable` when the kubelet could not be asked about the caller's pod).
     #[error("could not attest the caller: {0}")]
     Attestation(#[from] AttestError),
     /// The caller matches no entry (`PermissionDenied`).
@@ -169,7 +170,10 @@ impl From<ApiError> for Status {
             | ApiError::InvalidArgument(_)
             | ApiError::InvalidToken(_)
             | ApiError::TokenRevoked => Status::invalid_argument(msg),
-            ApiError::NotReady
+            // The kubelet being unreachable is the agent's trouble, not a lack of identity:
+            // the caller should try again.
+            ApiError::Attestation(AttestError::Kubelet(_))
+            | ApiError::NotReady
             | ApiError::Pending(_)
             | ApiError::ShuttingDown
             | ApiError::NoValidSvid

@@ -22,11 +22,11 @@ use super::queue::{QueueError, TaskEnd, TaskEndQueue};
 use super::registry::Issued;
 use super::report::{TaskEndSink, run_reporter};
 use super::watch::TaskWatcher;
-use super::{EndReason, TaskId, TaskState};
+use super::{EndReason, TaskId, TaskKind, TaskState};
 use crate::cache::{Cache, CachedSvid};
 use crate::client::{ClientError, ServerClient};
 use crate::sync::{cached_svid, stop_requested, svid_renew_at};
-use crate::workload::PeerInfo;
+use crate::workload::{PeerInfo, cgroup};
 
 /// Signs task-scoped X.509-SVIDs (`SignX509` with `task_id`). Defined here, implemented by
 /// [`ServerClient`].
@@ -175,9 +175,22 @@ impl Tasks {
 
     /// The task of the caller `peer` (its pid and the start time read when it connected).
     pub fn task_of(&self, peer: &PeerInfo) -> Option<TaskId> {
-        match peer.start_time {
-            Some(start) => Some(TaskId::unix(peer.pid, start)),
-            None => TaskId::of_process(&self.proc_root, peer.pid).ok(),
+        self.task_of_process(peer.pid, peer.start_time)
+    }
+
+    /// The task of process `pid` (that started at `start`, when known): its pod
+    /// (`k8s:<pod-uid>`) when pods are watched and its cgroup names a pod container, else
+    /// the process itself. `None` when the process is gone or its pid was reused.
+    fn task_of_process(&self, pid: i32, start: Option<u64>) -> Option<TaskId> {
+        if self.watcher.watches(TaskKind::Pod) {
+            let facts = cgroup::read_process(&self.proc_root, pid, start).ok()?;
+            if let Some((pod_uid, _)) = facts.pod_container() {
+                return TaskId::pod(pod_uid).ok();
+            }
+        }
+        match start {
+            Some(start) => Some(TaskId::unix(pid, start)),
+            None => TaskId::of_process(&self.proc_root, pid).ok(),
         }
     }
 
@@ -476,7 +489,7 @@ impl Task for TaskService {
                     "process {wanted} belongs to another user; only root or its owner may complete its task"
                 )));
             }
-            TaskId::of_process(proc_root, wanted).map_err(|_| gone())?
+            self.tasks.task_of_process(wanted, None).ok_or_else(gone)?
         };
         self.tasks.observe(&task);
         let end = self.tasks.end(&task, EndReason::Completed);

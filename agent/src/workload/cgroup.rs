@@ -23,6 +23,9 @@
 
 use std::path::Path;
 
+use super::AttestError;
+use super::unix::process_start_time;
+
 /// The facts read from a process's cgroup paths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupFacts {
@@ -68,10 +71,56 @@ pub fn parse(contents: &str) -> CgroupFacts {
     }
 }
 
+impl CgroupFacts {
+    /// The pod UID and container ID when the process runs in a container of a Kubernetes pod
+    /// (both are named by its cgroup). A process in a pod's cgroup but in none of its
+    /// containers (CRI-O's monitor, for one) is not a pod workload.
+    pub fn pod_container(&self) -> Option<(&str, &str)> {
+        Some((self.pod_uid.as_deref()?, self.container_id.as_deref()?))
+    }
+}
+
 /// Reads and parses `<proc_root>/<pid>/cgroup`.
 pub fn read(proc_root: &Path, pid: i32) -> std::io::Result<CgroupFacts> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?;
     Ok(parse(&text))
+}
+
+/// Reads the cgroup facts of the process `pid` between two reads of its start time, so that
+/// they describe one process: the one that started at `expected_start` when given (the start
+/// time read when the caller connected). A different start time before the read is a recycled
+/// pid ([`AttestError::PidReused`]); one that changes during the read, or a vanished process,
+/// is [`AttestError::ProcessGone`].
+pub fn read_process(
+    proc_root: &Path,
+    pid: i32,
+    expected_start: Option<u64>,
+) -> Result<CgroupFacts, AttestError> {
+    let before = process_start_time(proc_root, pid)?;
+    if expected_start.is_some_and(|at_accept| at_accept != before) {
+        return Err(AttestError::PidReused { pid });
+    }
+    let facts = read(proc_root, pid).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+            AttestError::ProcessGone { pid }
+        } else {
+            AttestError::Proc {
+                pid,
+                path: proc_root.join(pid.to_string()).join("cgroup"),
+                source: e,
+            }
+        }
+    })?;
+    if process_start_time(proc_root, pid)? != before {
+        return Err(AttestError::ProcessGone { pid });
+    }
+    Ok(facts)
+}
+
+/// Whether `s` is a Kubernetes pod UID as the kubelet writes it: a UUID, or the 32 hex digits
+/// of a static pod.
+pub fn is_pod_uid(s: &str) -> bool {
+    is_uuid(s) || is_static_pod_uid(s)
 }
 
 /// The one value every hierarchy agrees on, if any.
@@ -93,7 +142,7 @@ fn pod_uid(path: &str) -> Option<String> {
             return None;
         }
         let uid = segment[at + 3..].replace('_', "-");
-        (is_uuid(&uid) || is_static_pod_uid(&uid)).then_some(uid)
+        is_pod_uid(&uid).then_some(uid)
     })
 }
 

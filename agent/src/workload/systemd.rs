@@ -4,11 +4,10 @@
 //! spells it so that entries port. A caller outside any service (a login session, a
 //! container) gets no `systemd` selector.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mayfly::selector::{Selector, SelectorSet};
 
-use super::unix::process_start_time;
 use super::{AttestError, PeerInfo, WorkloadAttestor, cgroup};
 
 /// The systemd attestor.
@@ -40,16 +39,7 @@ impl SystemdAttestor {
     /// process start time, and both must match the one taken at accept, so that a recycled
     /// pid cannot lend its unit to the caller.
     pub fn attest_blocking(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
-        let pid = peer.pid;
-        let before = process_start_time(&self.proc_root, pid)?;
-        if peer.start_time.is_some_and(|at_accept| at_accept != before) {
-            return Err(AttestError::PidReused { pid });
-        }
-        let facts =
-            cgroup::read(&self.proc_root, pid).map_err(|e| io_error(&self.proc_root, pid, e))?;
-        if process_start_time(&self.proc_root, pid)? != before {
-            return Err(AttestError::ProcessGone { pid });
-        }
+        let facts = cgroup::read_process(&self.proc_root, peer.pid, peer.start_time)?;
         let mut out = SelectorSet::new();
         if let Some(unit) = facts.systemd_unit
             && let Ok(s) = Selector::new("systemd", format!("id:{unit}"))
@@ -57,18 +47,6 @@ impl SystemdAttestor {
             out.insert(s);
         }
         Ok(out)
-    }
-}
-
-fn io_error(proc_root: &Path, pid: i32, e: std::io::Error) -> AttestError {
-    if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
-        AttestError::ProcessGone { pid }
-    } else {
-        AttestError::Proc {
-            pid,
-            path: proc_root.join(pid.to_string()).join("cgroup"),
-            source: e,
-        }
     }
 }
 
