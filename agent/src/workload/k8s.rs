@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly::selector::SelectorSet;
+use tracing::Instrument as _;
 
 use super::kubelet::PodLists;
 use super::{AttestError, PeerInfo, WorkloadAttestor, cgroup};
@@ -75,7 +76,19 @@ impl WorkloadAttestor for K8sAttestor {
             return Ok(SelectorSet::new());
         };
         let span = tracing::debug_span!("k8s_attest", pid, pod_uid, container_id);
-        let _entered = span.enter();
+        self.find(pid, pod_uid, container_id).instrument(span).await
+    }
+}
+
+impl K8sAttestor {
+    /// The selectors of `container_id` in pod `pod_uid`, looked for in up to
+    /// `max_poll_attempts` lists.
+    async fn find(
+        &self,
+        pid: i32,
+        pod_uid: &str,
+        container_id: &str,
+    ) -> Result<SelectorSet, AttestError> {
         let mut listing = self.pods.recent(FIRST_LOOK_MAX_AGE).await;
         for attempt in 1..=self.max_poll_attempts {
             let index = listing
