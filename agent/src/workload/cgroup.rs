@@ -263,6 +263,13 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_v2_cgroupfs_driver_crio() {
+        let f = parse(&format!("0::/kubepods/burstable/pod{UID}/crio-{CID}\n"));
+        assert_eq!(f.pod_uid.as_deref(), Some(UID));
+        assert_eq!(f.container_id.as_deref(), Some(CID));
+    }
+
+    #[test]
     fn cgroup_v1_cgroupfs_driver_crio() {
         let path = format!("/kubepods/pod{UID}/crio-{CID}");
         let f = parse(&format!(
@@ -379,5 +386,55 @@ mod tests {
             i32::try_from(std::process::id()).unwrap(),
         );
         assert!(own.is_ok());
+    }
+
+    proptest::proptest! {
+        /// Whatever the file holds, parsing is total and only ever yields well-formed facts.
+        #[test]
+        fn parsing_never_panics_and_yields_only_well_formed_facts(
+            text in "([0-9]{1,2}:[a-z=,_]{0,12}:(/[a-z0-9_.@-]{0,70}){0,6}\n){0,4}",
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            for input in [text, String::from_utf8_lossy(&noise).into_owned()] {
+                let f = parse(&input);
+                if let Some(uid) = &f.pod_uid {
+                    proptest::prop_assert!(is_pod_uid(uid), "{uid}");
+                }
+                if let Some(id) = &f.container_id {
+                    proptest::prop_assert!(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+                }
+                if let Some(unit) = &f.systemd_unit {
+                    proptest::prop_assert!(unit.ends_with(".service") && !unit.contains('/'));
+                }
+            }
+        }
+
+        /// A pod path built from any UID and container ID reads back as them, in every layout.
+        #[test]
+        fn any_pod_and_container_read_back(
+            uid in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            cid in "[0-9a-f]{64}",
+            qos in proptest::sample::select(vec!["", "burstable", "besteffort"]),
+        ) {
+            let under = uid.replace('-', "_");
+            let slice = if qos.is_empty() {
+                format!("/kubepods.slice/kubepods-pod{under}.slice")
+            } else {
+                format!("/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{under}.slice")
+            };
+            let dir = if qos.is_empty() { format!("/kubepods/pod{uid}") } else { format!("/kubepods/{qos}/pod{uid}") };
+            for path in [
+                format!("{dir}/{cid}"),
+                format!("{dir}/crio-{cid}"),
+                format!("{slice}/cri-containerd-{cid}.scope"),
+                format!("{slice}/crio-{cid}.scope"),
+                format!("{slice}/docker-{cid}.scope"),
+            ] {
+                for text in [format!("0::{path}\n"), format!("4:memory:{path}\n1:name=systemd:{path}\n")] {
+                    let f = parse(&text);
+                    proptest::prop_assert_eq!(f.pod_container(), Some((uid.as_str(), cid.as_str())), "{}", text);
+                }
+            }
+        }
     }
 }
