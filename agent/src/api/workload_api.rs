@@ -1299,6 +1299,23 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (ApiError::NoPeer, Code::PermissionDenied),
+            (
+                ApiError::Attestation(AttestError::Kubelet(
+                    crate::workload::kubelet::KubeletError::Request {
+                        url: "https://10.0.3.17:10250".into(),
+                        reason: "connection refused".into(),
+                    },
+                )),
+                Code::Unavailable,
+            ),
+            (
+                ApiError::Attestation(AttestError::NotInKubelet {
+                    pod_uid: "p".into(),
+                    container_id: "c".into(),
+                    attempts: 10,
+                }),
+                Code::PermissionDenied,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);
