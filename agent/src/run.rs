@@ -79,6 +79,8 @@ async fn run_until(
 ) -> anyhow::Result<()> {
     let td = config.trust_domain.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Built first, so that a wrong [agent.k8s] stops the agent before it attests.
+    let (attestors, watcher) = workload_attestors(&config)?;
     let storage = Storage::open(&config.data_dir).context("agent data directory")?;
     let stored_bundle = storage.load_bundle(&td).context(
         "the stored trust bundle is unreadable; fix or delete it and restart with trust_bundle_path set",
@@ -240,25 +242,6 @@ async fn run_until(
         stopped(stop_rx.clone()),
     ));
     let client = Arc::new(client);
-    let mut attestors = crate::workload::Attestors::host_defaults();
-    let mut watcher: Arc<dyn TaskWatcher> = Arc::new(PidfdWatcher::new());
-    if let Some(k8s) = &config.k8s {
-        let kubelet = KubeletClient::new(k8s).context("agent.k8s")?;
-        let pods = Arc::new(PodLists::new(Arc::new(kubelet)));
-        attestors = attestors.with(Arc::new(
-            K8sAttestor::new(pods.clone(), k8s.max_poll_attempts, k8s.poll_retry_interval)
-                .with_node_name(k8s.node_name.clone()),
-        ));
-        watcher = Arc::new(TaskWatchers::new(vec![
-            watcher,
-            Arc::new(PodWatcher::new(pods)),
-        ]));
-        tracing::info!(
-            kubelet_url = %k8s.kubelet_url,
-            node_name = k8s.node_name.as_deref().unwrap_or(""),
-            "k8s workload attestor enabled; pods are tasks"
-        );
-    }
     let tasks = Tasks::new(
         cache.clone(),
         watcher,
@@ -288,6 +271,31 @@ async fn run_until(
     }
     tracing::info!("agent stopped");
     served
+}
+
+/// The workload attestors and the task watcher: `unix` and `systemd` with processes as tasks,
+/// plus `k8s` with pods as tasks when `[agent.k8s]` is set.
+fn workload_attestors(
+    config: &AgentConfig,
+) -> anyhow::Result<(crate::workload::Attestors, Arc<dyn TaskWatcher>)> {
+    let attestors = crate::workload::Attestors::host_defaults();
+    let processes: Arc<dyn TaskWatcher> = Arc::new(PidfdWatcher::new());
+    let Some(k8s) = &config.k8s else {
+        return Ok((attestors, processes));
+    };
+    let kubelet = KubeletClient::new(k8s).context("agent.k8s")?;
+    let pods = Arc::new(PodLists::new(Arc::new(kubelet)));
+    let attestors = attestors.with(Arc::new(
+        K8sAttestor::new(pods.clone(), k8s.max_poll_attempts, k8s.poll_retry_interval)
+            .with_node_name(k8s.node_name.clone()),
+    ));
+    let watcher = TaskWatchers::new(vec![processes, Arc::new(PodWatcher::new(pods))]);
+    tracing::info!(
+        kubelet_url = %k8s.kubelet_url,
+        node_name = k8s.node_name.as_deref().unwrap_or(""),
+        "k8s workload attestor enabled; pods are tasks"
+    );
+    Ok((attestors, Arc::new(watcher)))
 }
 
 /// Attests, retrying with backoff while the server is unreachable. Returns
