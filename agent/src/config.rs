@@ -66,12 +66,14 @@ pub struct RawAgent {
     pub log_level: Option<String>,
     /// Log format, `text` or `json`; default `text`.
     pub log_format: Option<String>,
-    /// Node attestor, `join_token` (default) or `x509pop`.
+    /// Node attestor, `join_token` (default), `x509pop` or `k8s_psat`.
     pub node_attestor: Option<String>,
     /// `[agent.x509pop]`: the node certificate and key.
     pub x509pop: Option<RawX509Pop>,
     /// `[agent.k8s_psat]`: the cluster name and the projected token.
     pub k8s_psat: Option<RawK8sPsat>,
+    /// `[agent.k8s]`: the `k8s` workload attestor (enabled when the table is present).
+    pub k8s: Option<RawK8s>,
 }
 
 /// `[agent.k8s_psat]` table.
@@ -155,6 +157,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// The node attestor.
     pub node_attestor: NodeAttestorConfig,
+    /// The `k8s` workload attestor, when `[agent.k8s]` is present.
+    pub k8s: Option<K8sConfig>,
 }
 
 impl AgentConfig {
@@ -327,7 +331,12 @@ impl AgentConfig {
                 ));
             }
         };
+        let k8s = a
+            .k8s
+            .map(|k| K8sConfig::from_raw(k, path, &|name| std::env::var(name).ok()))
+            .transpose()?;
         Ok(Self {
+            k8s,
             node_attestor,
             trust_domain,
             server_address,
@@ -340,6 +349,261 @@ impl AgentConfig {
             log_level,
             log_format,
         })
+    }
+}
+
+// ---- [agent.k8s]: the k8s workload attestor ----
+
+/// Environment variable naming the node's IP (the Helm chart sets it from `status.hostIP`);
+/// the kubelet is reached at `https://<it>:10250` by default.
+pub const NODE_IP_ENV: &str = "MAYFLY_NODE_IP";
+/// Default `token_path`: the pod's service account token.
+pub const DEFAULT_K8S_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Default `kubelet_ca_path`: the cluster CA mounted into every pod.
+pub const DEFAULT_KUBELET_CA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// Default `node_name_env`.
+pub const DEFAULT_NODE_NAME_ENV: &str = "MAYFLY_NODE_NAME";
+
+/// `[agent.k8s]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawK8s {
+    /// The kubelet's secure endpoint; default `https://$MAYFLY_NODE_IP:10250`, else
+    /// `https://127.0.0.1:10250`.
+    pub kubelet_url: Option<String>,
+    /// PEM CA certificates that sign the kubelet's serving certificate.
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Accept any kubelet certificate.
+    pub insecure_skip_kubelet_verification: Option<bool>,
+    /// The bearer token presented to the kubelet, read at every request.
+    pub token_path: Option<PathBuf>,
+    /// Pod list reads before a container missing from it is refused; default 10.
+    pub max_poll_attempts: Option<u32>,
+    /// Wait between those reads; default `500ms`.
+    pub poll_retry_interval: Option<String>,
+    /// Environment variable holding this node's name; default `MAYFLY_NODE_NAME`.
+    pub node_name_env: Option<String>,
+}
+
+/// The validated `[agent.k8s]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sConfig {
+    /// `https://host:port` of the kubelet (no path).
+    pub kubelet_url: http::Uri,
+    /// PEM CA certificates for the kubelet's serving certificate.
+    pub kubelet_ca_path: PathBuf,
+    /// Accept any kubelet certificate (logged as a warning at start).
+    pub insecure_skip_kubelet_verification: bool,
+    /// The bearer token file.
+    pub token_path: PathBuf,
+    /// Pod list reads (at least 1) before a container missing from it is refused.
+    pub max_poll_attempts: u32,
+    /// Wait between those reads.
+    pub poll_retry_interval: std::time::Duration,
+    /// The environment variable naming this node.
+    pub node_name_env: String,
+    /// This node's name, from that variable at start, when set: a pod the kubelet lists on
+    /// another node is refused.
+    pub node_name: Option<String>,
+}
+
+impl K8sConfig {
+    /// Validates `raw`; `env` reads environment variables (`MAYFLY_NODE_IP`, the node name).
+    pub fn from_raw(
+        raw: RawK8s,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, message: String| {
+            ConfigError::File(FileError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })
+        };
+        let url = match raw.kubelet_url {
+            Some(u) => u,
+            None => match env(NODE_IP_ENV).filter(|v| !v.trim().is_empty()) {
+                Some(ip) if ip.trim().contains(':') => format!("https://[{}]:10250", ip.trim()),
+                Some(ip) => format!("https://{}:10250", ip.trim()),
+                None => "https://127.0.0.1:10250".to_owned(),
+            },
+        };
+        let kubelet_url = url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| {
+                u.scheme_str() == Some("https")
+                    && u.host().is_some_and(|h| !h.is_empty())
+                    && u.port_u16().is_some()
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none()
+            })
+            .ok_or_else(|| {
+                invalid(
+                    "agent.k8s.kubelet_url",
+                    format!(
+                        "{url:?} is not https://host:port (write it like https://10.0.0.5:10250; \
+                         the kubelet's secure port)"
+                    ),
+                )
+            })?;
+        let non_empty = |key: &'static str, v: Option<PathBuf>, default: &str| match v {
+            Some(p) if p.as_os_str().is_empty() => Err(invalid(key, "must not be empty".into())),
+            Some(p) => Ok(p),
+            None => Ok(PathBuf::from(default)),
+        };
+        let max_poll_attempts = raw.max_poll_attempts.unwrap_or(10);
+        if max_poll_attempts == 0 {
+            return Err(invalid(
+                "agent.k8s.max_poll_attempts",
+                "must be at least 1".into(),
+            ));
+        }
+        let poll_retry_interval = match raw.poll_retry_interval.as_deref() {
+            None => std::time::Duration::from_millis(500),
+            Some(text) => humantime::parse_duration(text)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    invalid(
+                        "agent.k8s.poll_retry_interval",
+                        format!("{text:?} is not a positive duration (write it like 500ms or 2s)"),
+                    )
+                })?,
+        };
+        let node_name_env = raw
+            .node_name_env
+            .unwrap_or_else(|| DEFAULT_NODE_NAME_ENV.to_owned());
+        if node_name_env.is_empty() {
+            return Err(invalid(
+                "agent.k8s.node_name_env",
+                "must not be empty".into(),
+            ));
+        }
+        let node_name = env(&node_name_env).filter(|n| !n.trim().is_empty());
+        Ok(Self {
+            kubelet_url,
+            kubelet_ca_path: non_empty(
+                "agent.k8s.kubelet_ca_path",
+                raw.kubelet_ca_path,
+                DEFAULT_KUBELET_CA_PATH,
+            )?,
+            insecure_skip_kubelet_verification: raw
+                .insecure_skip_kubelet_verification
+                .unwrap_or(false),
+            token_path: non_empty(
+                "agent.k8s.token_path",
+                raw.token_path,
+                DEFAULT_K8S_TOKEN_PATH,
+            )?,
+            max_poll_attempts,
+            poll_retry_interval,
+            node_name_env,
+            node_name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod k8s_tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<K8sConfig, ConfigError> {
+        let raw: RawConfig = mayfly::config::parse_toml(text, Path::new("a.toml"))?;
+        let lookup = |k: &str| {
+            env.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        K8sConfig::from_raw(
+            raw.agent.k8s.unwrap_or_default(),
+            Path::new("a.toml"),
+            &lookup,
+        )
+    }
+
+    #[test]
+    fn the_table_enables_the_attestor_with_safe_defaults() {
+        assert!(AgentConfig::development().k8s.is_none());
+        let c = AgentConfig::parse("[agent.k8s]\n", Path::new("a.toml")).unwrap();
+        assert!(c.k8s.is_some());
+        let k = parse("[agent.k8s]\n", &[]).unwrap();
+        assert_eq!(k.kubelet_url, "https://127.0.0.1:10250");
+        assert_eq!(k.kubelet_ca_path, PathBuf::from(DEFAULT_KUBELET_CA_PATH));
+        assert!(!k.insecure_skip_kubelet_verification);
+        assert_eq!(k.token_path, PathBuf::from(DEFAULT_K8S_TOKEN_PATH));
+        assert_eq!(k.max_poll_attempts, 10);
+        assert_eq!(k.poll_retry_interval, std::time::Duration::from_millis(500));
+        assert_eq!(k.node_name_env, "MAYFLY_NODE_NAME");
+        assert_eq!(k.node_name, None);
+        // The node's IP (set by the Helm chart from status.hostIP) and name.
+        let k = parse(
+            "[agent.k8s]\n",
+            &[
+                ("MAYFLY_NODE_IP", "10.0.3.17"),
+                ("MAYFLY_NODE_NAME", "worker-1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(k.kubelet_url, "https://10.0.3.17:10250");
+        assert_eq!(k.node_name.as_deref(), Some("worker-1"));
+        let k = parse("[agent.k8s]\n", &[("MAYFLY_NODE_IP", "fd00::17")]).unwrap();
+        assert_eq!(k.kubelet_url, "https://[fd00::17]:10250");
+    }
+
+    #[test]
+    fn every_key_is_read_and_checked() {
+        let k = parse(
+            "[agent.k8s]\nkubelet_url = \"https://node-a.internal:10250\"\n\
+             kubelet_ca_path = \"/etc/kubelet-ca.pem\"\ninsecure_skip_kubelet_verification = true\n\
+             token_path = \"/var/run/tok\"\nmax_poll_attempts = 3\npoll_retry_interval = \"2s\"\n\
+             node_name_env = \"MY_NODE\"\n",
+            &[("MAYFLY_NODE_IP", "10.0.0.1"), ("MY_NODE", "node-a")],
+        )
+        .unwrap();
+        assert_eq!(k.kubelet_url, "https://node-a.internal:10250");
+        assert_eq!(k.kubelet_ca_path, PathBuf::from("/etc/kubelet-ca.pem"));
+        assert!(k.insecure_skip_kubelet_verification);
+        assert_eq!(k.token_path, PathBuf::from("/var/run/tok"));
+        assert_eq!(k.max_poll_attempts, 3);
+        assert_eq!(k.poll_retry_interval, std::time::Duration::from_secs(2));
+        assert_eq!(k.node_name.as_deref(), Some("node-a"));
+        for (text, key) in [
+            (
+                "kubelet_url = \"http://127.0.0.1:10255\"",
+                "agent.k8s.kubelet_url",
+            ),
+            (
+                "kubelet_url = \"https://127.0.0.1\"",
+                "agent.k8s.kubelet_url",
+            ),
+            (
+                "kubelet_url = \"https://127.0.0.1:10250/pods\"",
+                "agent.k8s.kubelet_url",
+            ),
+            ("kubelet_url = \"127.0.0.1:10250\"", "agent.k8s.kubelet_url"),
+            ("max_poll_attempts = 0", "agent.k8s.max_poll_attempts"),
+            (
+                "poll_retry_interval = \"soon\"",
+                "agent.k8s.poll_retry_interval",
+            ),
+            (
+                "poll_retry_interval = \"0s\"",
+                "agent.k8s.poll_retry_interval",
+            ),
+            ("token_path = \"\"", "agent.k8s.token_path"),
+            ("kubelet_ca_path = \"\"", "agent.k8s.kubelet_ca_path"),
+            ("node_name_env = \"\"", "agent.k8s.node_name_env"),
+            (
+                "skip_kubelet_verification = true",
+                "skip_kubelet_verification",
+            ),
+        ] {
+            let err = AgentConfig::parse(&format!("[agent.k8s]\n{text}\n"), Path::new("a.toml"))
+                .unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 }
 

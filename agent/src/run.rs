@@ -19,7 +19,9 @@ use crate::config::{AgentConfig, NodeAttestorConfig};
 use crate::health::{self, HealthState, OPERATOR_ACTION};
 use crate::storage::{self, Storage};
 use crate::sync::{self, Backoff, Syncer};
-use crate::task::{PidfdWatcher, Tasks};
+use crate::task::{PidfdWatcher, PodWatcher, TaskWatcher, TaskWatchers, Tasks};
+use crate::workload::K8sAttestor;
+use crate::workload::kubelet::{KubeletClient, PodLists};
 
 /// The environment variable that carries a join token.
 pub const JOIN_TOKEN_ENV: &str = "MAYFLY_JOIN_TOKEN";
@@ -77,6 +79,8 @@ async fn run_until(
 ) -> anyhow::Result<()> {
     let td = config.trust_domain.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Built first, so that a wrong [agent.k8s] stops the agent before it attests.
+    let (attestors, watcher) = workload_attestors(&config)?;
     let storage = Storage::open(&config.data_dir).context("agent data directory")?;
     let stored_bundle = storage.load_bundle(&td).context(
         "the stored trust bundle is unreadable; fix or delete it and restart with trust_bundle_path set",
@@ -252,7 +256,7 @@ async fn run_until(
     let client = Arc::new(client);
     let tasks = Tasks::new(
         cache.clone(),
-        Arc::new(PidfdWatcher::new()),
+        watcher,
         client.clone(),
         &config.data_dir,
         clock.clone(),
@@ -260,14 +264,9 @@ async fn run_until(
     .context("agent data directory")?;
     let tasks_task = tokio::spawn(tasks.clone().run(stop_rx.clone()));
     let minter: Arc<dyn crate::api::JwtMinter> = client;
-    let api = crate::api::WorkloadApi::new(
-        cache,
-        Arc::new(crate::workload::UnixAttestor::new()),
-        minter,
-        td,
-    )
-    .with_clock(clock)
-    .with_tasks(tasks);
+    let api = crate::api::WorkloadApi::new(cache, Arc::new(attestors), minter, td)
+        .with_clock(clock)
+        .with_tasks(tasks);
     let served = crate::api::serve_api(&config.socket_path, api, stopped(stop_rx.clone())).await;
     // The Workload API ended (shutdown or failure): stop the rest.
     stop_tx.send_replace(true);
@@ -284,6 +283,31 @@ async fn run_until(
     }
     tracing::info!("agent stopped");
     served
+}
+
+/// The workload attestors and the task watcher: `unix` and `systemd` with processes as tasks,
+/// plus `k8s` with pods as tasks when `[agent.k8s]` is set.
+fn workload_attestors(
+    config: &AgentConfig,
+) -> anyhow::Result<(crate::workload::Attestors, Arc<dyn TaskWatcher>)> {
+    let attestors = crate::workload::Attestors::host_defaults();
+    let processes: Arc<dyn TaskWatcher> = Arc::new(PidfdWatcher::new());
+    let Some(k8s) = &config.k8s else {
+        return Ok((attestors, processes));
+    };
+    let kubelet = KubeletClient::new(k8s).context("agent.k8s")?;
+    let pods = Arc::new(PodLists::new(Arc::new(kubelet)));
+    let attestors = attestors.with(Arc::new(
+        K8sAttestor::new(pods.clone(), k8s.max_poll_attempts, k8s.poll_retry_interval)
+            .with_node_name(k8s.node_name.clone()),
+    ));
+    let watcher = TaskWatchers::new(vec![processes, Arc::new(PodWatcher::new(pods))]);
+    tracing::info!(
+        kubelet_url = %k8s.kubelet_url,
+        node_name = k8s.node_name.as_deref().unwrap_or(""),
+        "k8s workload attestor enabled; pods are tasks"
+    );
+    Ok((attestors, Arc::new(watcher)))
 }
 
 /// Attests, retrying with backoff while the server is unreachable. Returns

@@ -151,6 +151,28 @@ async fn clear_errors_at_start() {
         "{err}"
     );
 
+    // [agent.k8s] naming a kubelet CA file that does not exist: refused before attesting.
+    let mut cfg = config(dir.path(), server, free_port(), None);
+    cfg.insecure_bootstrap = true;
+    cfg.k8s = Some(
+        AgentConfig::parse(
+            &format!(
+                "[agent.k8s]\nkubelet_ca_path = \"{}\"\n",
+                dir.path().join("no-such-ca.crt").display()
+            ),
+            Path::new("agent.toml"),
+        )
+        .unwrap()
+        .k8s
+        .unwrap(),
+    );
+    let (_stop, task) = start(cfg, Some("t")).await;
+    let err = format!("{:#}", task.await.unwrap().unwrap_err());
+    assert!(
+        err.contains("kubelet_ca_path") && err.contains("no-such-ca.crt"),
+        "{err}"
+    );
+
     // Trust, but neither a stored SVID nor a token.
     let state = MockState::new();
     let bundle = dir.path().join("bundle.pem");

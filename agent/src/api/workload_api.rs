@@ -140,7 +140,8 @@ pub enum ApiError {
     /// (`PermissionDenied`).
     #[error("caller cannot be identified")]
     NoPeer,
-    /// Attesting the caller failed, for example because it exited (`PermissionDenied`).
+    /// Attesting the caller failed, for example because it exited (`PermissionDenied`; or
+    /// `Unavailable` when the kubelet could not be asked about the caller's pod).
     #[error("could not attest the caller: {0}")]
     Attestation(#[from] AttestError),
     /// The caller matches no entry (`PermissionDenied`).
@@ -169,7 +170,10 @@ impl From<ApiError> for Status {
             | ApiError::InvalidArgument(_)
             | ApiError::InvalidToken(_)
             | ApiError::TokenRevoked => Status::invalid_argument(msg),
-            ApiError::NotReady
+            // The kubelet being unreachable is the agent's trouble, not a lack of identity:
+            // the caller should try again.
+            ApiError::Attestation(AttestError::Kubelet(_))
+            | ApiError::NotReady
             | ApiError::Pending(_)
             | ApiError::ShuttingDown
             | ApiError::NoValidSvid
@@ -1314,6 +1318,23 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (ApiError::NoPeer, Code::PermissionDenied),
+            (
+                ApiError::Attestation(AttestError::Kubelet(
+                    crate::workload::kubelet::KubeletError::Request {
+                        url: "https://10.0.3.17:10250".into(),
+                        reason: "connection refused".into(),
+                    },
+                )),
+                Code::Unavailable,
+            ),
+            (
+                ApiError::Attestation(AttestError::NotInKubelet {
+                    pod_uid: "p".into(),
+                    container_id: "c".into(),
+                    attempts: 10,
+                }),
+                Code::PermissionDenied,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

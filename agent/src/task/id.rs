@@ -4,11 +4,21 @@ use std::fmt;
 use std::path::Path;
 
 use crate::workload::AttestError;
+use crate::workload::cgroup::is_pod_uid;
 use crate::workload::unix::process_start_time;
+
+/// What kind of thing a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// A process (`unix:<pid>:<start_time>`).
+    Process,
+    /// A Kubernetes pod (`k8s:<pod-uid>`): every process of the pod's containers.
+    Pod,
+}
 
 /// An agent-local task identifier, as given to the server in `SignX509` / `MintJwt` /
 /// `ReportTaskEnd`: `unix:<pid>:<start_time>` for a process (the start time makes a recycled
-/// pid a different task); other kinds (`k8s:<pod-uid>`, `docker:<container-id>`) later.
+/// pid a different task), `k8s:<pod-uid>` for a Kubernetes pod; `docker:<container-id>` later.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TaskId(String);
 
@@ -17,6 +27,15 @@ impl TaskId {
     /// `/proc/<pid>/stat`).
     pub fn unix(pid: i32, start_time: u64) -> Self {
         Self(format!("unix:{pid}:{start_time}"))
+    }
+
+    /// The task of the Kubernetes pod `uid` (a UUID, or a static pod's 32 hex digits).
+    pub fn pod(uid: &str) -> Result<Self, TaskIdError> {
+        if is_pod_uid(uid) {
+            Ok(Self(format!("k8s:{uid}")))
+        } else {
+            Err(TaskIdError::Malformed(format!("k8s:{uid}")))
+        }
     }
 
     /// The task of the process `pid` as it is now, read from `<proc_root>/<pid>/stat`.
@@ -31,6 +50,20 @@ impl TaskId {
         Some((pid.parse().ok()?, start.parse().ok()?))
     }
 
+    /// The pod UID of a `k8s:` task.
+    pub fn as_pod(&self) -> Option<&str> {
+        self.0.strip_prefix("k8s:")
+    }
+
+    /// The kind of task.
+    pub fn kind(&self) -> TaskKind {
+        if self.as_pod().is_some() {
+            TaskKind::Pod
+        } else {
+            TaskKind::Process
+        }
+    }
+
     /// The identifier as a string.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -41,8 +74,8 @@ impl TaskId {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TaskIdError {
-    /// Not `unix:<pid>:<start_time>` (the only kind so far).
-    #[error("{0:?} is not a task id (expected unix:<pid>:<start_time>)")]
+    /// Neither `unix:<pid>:<start_time>` nor `k8s:<pod-uid>`.
+    #[error("{0:?} is not a task id (expected unix:<pid>:<start_time> or k8s:<pod-uid>)")]
     Malformed(String),
 }
 
@@ -50,6 +83,9 @@ impl std::str::FromStr for TaskId {
     type Err = TaskIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(uid) = s.strip_prefix("k8s:") {
+            return Self::pod(uid);
+        }
         let id = Self(s.to_owned());
         match id.as_unix() {
             Some((pid, start)) if pid > 0 && Self::unix(pid, start) == id => Ok(id),
@@ -101,13 +137,41 @@ mod tests {
             "unix:01:1",
             "unix:1",
             "k8s:abc",
+            "k8s:",
+            "k8s:2c48913c-b29f-11e7-9350-02096814779",
+            "k8s:2c48913c-b29f-11e7-9350-020968147796/x",
             "",
         ] {
             assert!(bad.parse::<TaskId>().is_err(), "{bad}");
         }
+        assert_eq!(id.kind(), TaskKind::Process);
+        assert_eq!(id.as_pod(), None);
         assert!(matches!(
             TaskId::of_process(proc.path(), 4243),
             Err(AttestError::ProcessGone { pid: 4243 })
         ));
+    }
+
+    #[test]
+    fn pod_task_ids() {
+        let uid = "2c48913c-b29f-11e7-9350-020968147796";
+        let id = TaskId::pod(uid).unwrap();
+        assert_eq!(id.as_str(), format!("k8s:{uid}"));
+        assert_eq!(id.as_pod(), Some(uid));
+        assert_eq!(id.kind(), TaskKind::Pod);
+        assert_eq!(id.as_unix(), None);
+        assert_eq!(format!("k8s:{uid}").parse::<TaskId>().unwrap(), id);
+        // A static pod's UID is a hash.
+        let hash = "6d6f0a0b1c2d3e4f5a6b7c8d9e0f1a2b";
+        assert_eq!(TaskId::pod(hash).unwrap().as_pod(), Some(hash));
+        for bad in [
+            "",
+            "pod",
+            "2c48913c",
+            "../../etc",
+            "2c48913c-b29f-11e7-9350-020968147796 ",
+        ] {
+            assert!(TaskId::pod(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -22,11 +22,11 @@ use super::queue::{QueueError, TaskEnd, TaskEndQueue};
 use super::registry::Issued;
 use super::report::{TaskEndSink, run_reporter};
 use super::watch::TaskWatcher;
-use super::{EndReason, TaskId, TaskState};
+use super::{EndReason, TaskId, TaskKind, TaskState};
 use crate::cache::{Cache, CachedSvid};
 use crate::client::{ClientError, ServerClient};
 use crate::sync::{cached_svid, stop_requested, svid_renew_at};
-use crate::workload::PeerInfo;
+use crate::workload::{PeerInfo, cgroup};
 
 /// Signs task-scoped X.509-SVIDs (`SignX509` with `task_id`). Defined here, implemented by
 /// [`ServerClient`].
@@ -175,9 +175,22 @@ impl Tasks {
 
     /// The task of the caller `peer` (its pid and the start time read when it connected).
     pub fn task_of(&self, peer: &PeerInfo) -> Option<TaskId> {
-        match peer.start_time {
-            Some(start) => Some(TaskId::unix(peer.pid, start)),
-            None => TaskId::of_process(&self.proc_root, peer.pid).ok(),
+        self.task_of_process(peer.pid, peer.start_time)
+    }
+
+    /// The task of process `pid` (that started at `start`, when known): its pod
+    /// (`k8s:<pod-uid>`) when pods are watched and its cgroup names a pod container, else
+    /// the process itself. `None` when the process is gone or its pid was reused.
+    fn task_of_process(&self, pid: i32, start: Option<u64>) -> Option<TaskId> {
+        if self.watcher.watches(TaskKind::Pod) {
+            let facts = cgroup::read_process(&self.proc_root, pid, start).ok()?;
+            if let Some((pod_uid, _)) = facts.pod_container() {
+                return TaskId::pod(pod_uid).ok();
+            }
+        }
+        match start {
+            Some(start) => Some(TaskId::unix(pid, start)),
+            None => TaskId::of_process(&self.proc_root, pid).ok(),
         }
     }
 
@@ -476,7 +489,7 @@ impl Task for TaskService {
                     "process {wanted} belongs to another user; only root or its owner may complete its task"
                 )));
             }
-            TaskId::of_process(proc_root, wanted).map_err(|_| gone())?
+            self.tasks.task_of_process(wanted, None).ok_or_else(gone)?
         };
         self.tasks.observe(&task);
         let end = self.tasks.end(&task, EndReason::Completed);
@@ -487,5 +500,103 @@ impl Task for TaskService {
             revoked_x509_serials: serials,
             revoked_jwt_ids: jtis,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{PidfdWatcher, TaskWatchers};
+    use crate::workload::fake_proc::write_process;
+
+    /// Signs nothing, accepts every report.
+    struct Nothing;
+
+    #[tonic::async_trait]
+    impl TaskSigner for Nothing {
+        async fn sign_x509(
+            &self,
+            _items: Vec<pb::X509SignItem>,
+        ) -> Result<Vec<pb::X509SignResult>, ClientError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tonic::async_trait]
+    impl crate::task::report::TaskEndSink for Nothing {
+        async fn report_task_ends(&self, _tasks: Vec<pb::TaskEnd>) -> Result<u32, ClientError> {
+            Ok(0)
+        }
+    }
+
+    /// Pods are watched by a watcher that never sees them end.
+    #[derive(Debug)]
+    struct Pods;
+
+    impl TaskWatcher for Pods {
+        fn watch(&self, _task: &TaskId) -> super::super::watch::TaskEnded {
+            Box::pin(std::future::pending())
+        }
+        fn watches(&self, kind: TaskKind) -> bool {
+            kind == TaskKind::Pod
+        }
+    }
+
+    fn tasks(watcher: Arc<dyn TaskWatcher>, proc_root: &Path, data: &Path) -> Arc<Tasks> {
+        let mut t = Tasks::new(
+            Cache::new(),
+            watcher,
+            Arc::new(Nothing),
+            data,
+            Arc::new(mayfly::clock::SystemClock),
+        )
+        .unwrap();
+        Arc::get_mut(&mut t).unwrap().proc_root = proc_root.to_owned();
+        t
+    }
+
+    #[test]
+    fn a_process_in_a_pod_container_is_its_pods_task_when_pods_are_watched() {
+        let uid = "7f3c1a52-1b2e-4a55-9d1e-6c0e8f2b9a11";
+        let cid = "4c5d8e2f9a1b3c7d6e0f2a4b8c1d3e5f7a9b0c2d4e6f8a1b3c5d7e9f0a2b4c6d";
+        let proc = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        write_process(
+            proc.path(),
+            10,
+            500,
+            &format!("0::/kubepods/pod{uid}/{cid}\n"),
+        );
+        write_process(proc.path(), 11, 600, "0::/system.slice/api.service\n");
+        // Pod sandbox cgroup, no container: not a pod workload.
+        write_process(proc.path(), 12, 700, &format!("0::/kubepods/pod{uid}\n"));
+        let peer = |pid, start| PeerInfo {
+            pid,
+            uid: 0,
+            gid: 0,
+            start_time: start,
+        };
+
+        let both: Arc<dyn TaskWatcher> = Arc::new(TaskWatchers::new(vec![
+            Arc::new(PidfdWatcher::with_proc_root(proc.path())),
+            Arc::new(Pods),
+        ]));
+        let t = tasks(both, proc.path(), data.path());
+        let pod = TaskId::pod(uid).unwrap();
+        assert_eq!(t.task_of(&peer(10, Some(500))), Some(pod.clone()));
+        assert_eq!(t.task_of(&peer(10, None)), Some(pod));
+        assert_eq!(t.task_of(&peer(11, Some(600))), Some(TaskId::unix(11, 600)));
+        assert_eq!(t.task_of(&peer(12, None)), Some(TaskId::unix(12, 700)));
+        // A recycled pid or a vanished process has no task.
+        assert_eq!(t.task_of(&peer(10, Some(499))), None);
+        assert_eq!(t.task_of(&peer(13, None)), None);
+
+        // Without a pod watcher, every process is its own task.
+        let t = tasks(
+            Arc::new(PidfdWatcher::with_proc_root(proc.path())),
+            proc.path(),
+            data.path(),
+        );
+        assert_eq!(t.task_of(&peer(10, Some(500))), Some(TaskId::unix(10, 500)));
     }
 }

@@ -1,18 +1,19 @@
 //! Task end detection.
 //!
 //! A [`TaskWatcher`] turns a task into a future that completes when the task ends. Processes
-//! are watched with a pidfd ([`PidfdWatcher`]); pod deletion and container exit are other
-//! implementations of the same trait.
+//! are watched with a pidfd ([`PidfdWatcher`]), pods through the kubelet
+//! ([`super::PodWatcher`]); [`TaskWatchers`] combines them.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::TaskId;
+use super::{TaskId, TaskKind};
 use crate::workload::unix::process_start_time;
 
 /// Completes when a task has ended.
@@ -25,6 +26,35 @@ pub trait TaskWatcher: Send + Sync + std::fmt::Debug {
     /// right after the task was first attested, so that even a task that lives for
     /// milliseconds is seen to end. Tasks of a kind this watcher does not know never end.
     fn watch(&self, task: &TaskId) -> TaskEnded;
+
+    /// Whether this watcher sees tasks of `kind` end. The agent creates tasks only of the
+    /// kinds its watcher sees (a pod is a task only when pods are watched).
+    fn watches(&self, kind: TaskKind) -> bool;
+}
+
+/// Several watchers, each for its kinds of task: a task is watched by the first that sees
+/// its kind.
+#[derive(Debug, Clone)]
+pub struct TaskWatchers(Vec<Arc<dyn TaskWatcher>>);
+
+impl TaskWatchers {
+    /// The union of `watchers`.
+    pub fn new(watchers: Vec<Arc<dyn TaskWatcher>>) -> Self {
+        Self(watchers)
+    }
+}
+
+impl TaskWatcher for TaskWatchers {
+    fn watch(&self, task: &TaskId) -> TaskEnded {
+        match self.0.iter().find(|w| w.watches(task.kind())) {
+            Some(w) => w.watch(task),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+
+    fn watches(&self, kind: TaskKind) -> bool {
+        self.0.iter().any(|w| w.watches(kind))
+    }
 }
 
 /// How often a process is polled when the kernel has no pidfd support.
@@ -112,6 +142,10 @@ impl TaskWatcher for PidfdWatcher {
                 Box::pin(fallback)
             }
         }
+    }
+
+    fn watches(&self, kind: TaskKind) -> bool {
+        kind == TaskKind::Process
     }
 }
 

@@ -4,12 +4,22 @@
 //! connection is accepted; an attestor turns them into selectors (`unix:uid:1000`, ...), which
 //! the Workload API matches against the registration entries it holds.
 
+pub mod cgroup;
+#[cfg(test)]
+pub(crate) mod fake_proc;
+pub mod k8s;
+pub mod kubelet;
+pub mod pod;
+pub mod systemd;
 pub mod unix;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use mayfly::selector::SelectorSet;
 
+pub use k8s::K8sAttestor;
+pub use systemd::SystemdAttestor;
 pub use unix::UnixAttestor;
 
 /// The caller's credentials as the kernel reported them for the connection (`SO_PEERCRED`):
@@ -70,16 +80,87 @@ pub enum AttestError {
         /// What was wrong.
         reason: String,
     },
+    /// The kubelet's pod list could not be had (the caller runs in a pod, so its `k8s`
+    /// selectors cannot be left out).
+    #[error("cannot attest the caller's pod: {0}")]
+    Kubelet(#[source] kubelet::KubeletError),
+    /// The caller's cgroup names a pod container that the kubelet did not list after every
+    /// attempt: a container still starting for longer than the attempts allow, or a pod
+    /// being removed.
+    #[error(
+        "container {container_id} of pod {pod_uid} is not in the kubelet's pod list after {attempts} attempts \
+         (raise agent.k8s.max_poll_attempts or poll_retry_interval if containers take longer to be listed)"
+    )]
+    NotInKubelet {
+        /// The pod UID from the cgroup.
+        pod_uid: String,
+        /// The container ID from the cgroup.
+        container_id: String,
+        /// How many lists were read.
+        attempts: u32,
+    },
+    /// The kubelet lists the caller's pod on another node than the agent's: the agent is
+    /// talking to another node's kubelet.
+    #[error(
+        "the kubelet places pod {pod_uid} on node {pod_node}, but this agent runs on {agent_node}: \
+         check agent.k8s.kubelet_url"
+    )]
+    WrongNode {
+        /// The pod UID.
+        pod_uid: String,
+        /// The node in the pod's spec.
+        pod_node: String,
+        /// This agent's node.
+        agent_node: String,
+    },
     /// The attestation task failed (panicked or was cancelled).
     #[error("workload attestation did not complete: {0}")]
     Internal(String),
 }
 
-/// Produces the selectors of a caller. Implementations are defined per platform (`unix` now;
-/// `k8s`, `docker`, `systemd` later) and used as `dyn WorkloadAttestor`.
+/// Produces the selectors of a caller. Implementations are defined per platform (`unix`,
+/// `systemd`, `k8s`; `docker` later) and used as `dyn WorkloadAttestor`.
 #[tonic::async_trait]
 pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// Every selector that holds for the caller. A selector that cannot be established is left
     /// out, never guessed: fewer selectors can only match fewer entries.
     async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError>;
+}
+
+/// Several attestors as one: the caller's selectors are the union of theirs. Any attestor's
+/// refusal (the process is gone, its pid was reused) refuses the caller: a partial answer
+/// could match an entry meant for another process.
+#[derive(Debug, Clone)]
+pub struct Attestors(Vec<Arc<dyn WorkloadAttestor>>);
+
+impl Attestors {
+    /// The union of `attestors`, run in order.
+    pub fn new(attestors: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        Self(attestors)
+    }
+
+    /// What the agent runs by default on a host: `unix` and `systemd`.
+    pub fn host_defaults() -> Self {
+        Self::new(vec![
+            Arc::new(UnixAttestor::new()),
+            Arc::new(SystemdAttestor::new()),
+        ])
+    }
+
+    /// These attestors and `more`.
+    pub fn with(mut self, more: Arc<dyn WorkloadAttestor>) -> Self {
+        self.0.push(more);
+        self
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadAttestor for Attestors {
+    async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
+        let mut out = SelectorSet::new();
+        for a in &self.0 {
+            out.extend(a.attest(peer).await?);
+        }
+        Ok(out)
+    }
 }
