@@ -137,7 +137,7 @@ impl Engine {
                 let set = per_action.get(a.name())?;
                 Some((
                     a.name().to_owned(),
-                    ActionFilter::new(set.policies().cloned()),
+                    ActionFilter::new(a.name(), set.policies().cloned()),
                 ))
             })
             .collect();
@@ -269,22 +269,9 @@ impl Engine {
             // request.
             return Decision::no_permit(action, &input.principal(), &input.resource());
         }
-        if !selected.reads_entities {
-            // No selected policy reads an entity: the request's entities
-            // cannot change the outcome and are not built.
-            let context = match input.context(Some(&self.cache)) {
-                Ok(c) => c,
-                Err(e) => return Decision::deny(e.to_string()),
-            };
-            let cedar = CedarInput {
-                principal: input.principal(),
-                resource: input.resource(),
-                entities: Vec::new(),
-                context,
-            };
-            return self.evaluate(action, action_uid, cedar, &selected.set);
-        }
-        match input.to_cedar(Some(&self.cache)) {
+        // Only the entities the selected policies can read are built:
+        // Cedar decides the same without the others.
+        match input.to_cedar(selected.reads, Some(&self.cache)) {
             Ok(cedar) => self.evaluate(action, action_uid, cedar, &selected.set),
             Err(e) => Decision::deny(e.to_string()),
         }

@@ -57,15 +57,57 @@ pub struct IssueFacts<'a> {
     pub context: &'a ContextFacts<'a>,
 }
 
+/// The request entities a policy can read: their attributes (`.`,
+/// `has`), ancestors (`in`) or tags. Cedar decides the same without the
+/// entities no selected policy reads, so those are not built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The workload (`principal`).
+    pub workload: bool,
+    /// Its node (`principal.node`).
+    pub node: bool,
+    /// The entry (`resource`).
+    pub entry: bool,
+}
+
+impl Reads {
+    /// No entity.
+    pub const NONE: Self = Self {
+        workload: false,
+        node: false,
+        entry: false,
+    };
+    /// Every entity.
+    pub const ALL: Self = Self {
+        workload: true,
+        node: true,
+        entry: true,
+    };
+    const WORKLOAD: Self = Self {
+        workload: true,
+        ..Self::NONE
+    };
+    const ENTRY: Self = Self {
+        entry: true,
+        ..Self::NONE
+    };
+
+    fn or(self, other: Self) -> Self {
+        Self {
+            workload: self.workload || other.workload,
+            node: self.node || other.node,
+            entry: self.entry || other.entry,
+        }
+    }
+}
+
 /// The policies Cedar evaluates for one request.
 #[derive(Debug)]
 pub struct Selected {
     /// The policies that can be satisfied.
     pub set: PolicySet,
-    /// Whether any of them reads the entities (attributes, `has`, `in`,
-    /// tags). When none does, Cedar decides the same without them, and
-    /// they are not built.
-    pub reads_entities: bool,
+    /// The entities they can read.
+    pub reads: Reads,
 }
 
 /// One policy and what the pre-filter knows of it.
@@ -73,7 +115,7 @@ pub struct Selected {
 struct Compiled {
     policy: Policy,
     condition: Term,
-    reads_entities: bool,
+    reads: Reads,
 }
 
 /// The policies of one issuance action, each with its compiled condition,
@@ -86,14 +128,17 @@ pub struct ActionFilter {
 
 impl ActionFilter {
     /// Compiles the conditions of `policies` (those whose action scope can
-    /// match an issuance action).
-    pub fn new(policies: impl IntoIterator<Item = Policy>) -> Self {
+    /// match the issuance action `action`). The parts known for every
+    /// request of the action (the principal and resource types, the
+    /// action) are folded in; a policy that can never be satisfied is
+    /// dropped.
+    pub fn new(action: &str, policies: impl IntoIterator<Item = Policy>) -> Self {
         let policies = policies
             .into_iter()
             .map(|policy| match policy.to_pst() {
                 Ok(pst::Policy::Static(s)) => Compiled {
-                    condition: compile_policy(s.body()),
-                    reads_entities: policy_reads_entities(s.body()),
+                    condition: fold(compile_policy(s.body()), action),
+                    reads: policy_reads(s.body()),
                     policy,
                 },
                 // Templates are rejected at load; anything else is
@@ -101,9 +146,10 @@ impl ActionFilter {
                 _ => Compiled {
                     policy,
                     condition: Term::Unknown,
-                    reads_entities: true,
+                    reads: Reads::ALL,
                 },
             })
+            .filter(|p| !matches!(p.condition, Term::Bool(false)))
             .collect();
         Self {
             policies,
@@ -130,18 +176,15 @@ impl ActionFilter {
             return Ok(Arc::clone(set));
         }
         let mut set = PolicySet::new();
-        let mut reads_entities = false;
+        let mut reads = Reads::NONE;
         for (i, p) in self.policies.iter().enumerate() {
             if key.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0) {
                 set.add(p.policy.clone())
                     .map_err(|e| format!("policy {}: {e}", p.policy.id()))?;
-                reads_entities |= p.reads_entities;
+                reads = reads.or(p.reads);
             }
         }
-        let set = Arc::new(Selected {
-            set,
-            reads_entities,
-        });
+        let set = Arc::new(Selected { set, reads });
         let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
         if sets.len() >= SET_CACHE_LIMIT {
             sets.clear();
@@ -165,7 +208,7 @@ impl ActionFilter {
 /// Whether `term` is known to evaluate to `false`, without error, for
 /// `facts`.
 fn is_known_false(term: &Term, facts: &IssueFacts<'_>) -> bool {
-    matches!(eval(term, facts), Some(Val::Bool(false)))
+    matches!(eval(term, Some(facts)), Some(Val::Bool(false)))
 }
 
 /// The entity types of the issuance model.
@@ -490,46 +533,189 @@ fn compile_policy(p: &pst::Template) -> Term {
     cond
 }
 
-/// Whether evaluating the policy can read the entity store. Cedar reads it
-/// only for the attributes of an entity (`.`, `has`), its ancestors (`in`)
-/// and its tags; the request's variables, literals, `==`, `is` and the
-/// context do not. `action in ...` reads only action entities, which an
-/// issuance request never holds. Unknown constructs count as reading.
-fn policy_reads_entities(p: &pst::Template) -> bool {
-    let scope = matches!(
+/// The request entities evaluating the policy can read. Cedar reads an
+/// entity only for its attributes (`.`, `has`), its ancestors (`in`) and
+/// its tags; the request's variables, literals, `==`, `is` and the context
+/// do not. `action in ...` reads only action entities, which an issuance
+/// request never holds. Anything else counts as reading every entity.
+fn policy_reads(p: &pst::Template) -> Reads {
+    let mut reads = Reads::NONE;
+    if matches!(
         p.principal,
         PrincipalConstraint::In(_) | PrincipalConstraint::IsIn(..)
-    ) || matches!(
+    ) {
+        reads = reads.or(Reads::WORKLOAD);
+    }
+    if matches!(
         p.resource,
         ResourceConstraint::In(_) | ResourceConstraint::IsIn(..)
-    );
-    scope
-        || p.clauses().iter().any(|c| match c {
-            Clause::When(e) | Clause::Unless(e) => reads_entities(e),
-        })
+    ) {
+        reads = reads.or(Reads::ENTRY);
+    }
+    for clause in p.clauses() {
+        let (Clause::When(e) | Clause::Unless(e)) = clause;
+        reads = reads.or(expr_reads(e));
+    }
+    reads
 }
 
-fn reads_entities(e: &Expr) -> bool {
+/// The entity an expression denotes, if it is one the request holds, and
+/// what evaluating the expression itself reads.
+fn entity_read(e: &Expr) -> Option<(Reads, Reads)> {
     match e {
-        Expr::Literal(_) | Expr::Var(_) => false,
-        Expr::UnaryOp { expr, .. } | Expr::Like { expr, .. } => reads_entities(expr),
-        Expr::BinaryOp { op, left, right } => match op {
-            BinaryOp::GetTag | BinaryOp::HasTag => true,
-            BinaryOp::In if !matches!(**left, Expr::Var(Var::Action)) => true,
-            _ => reads_entities(left) || reads_entities(right),
-        },
-        Expr::GetAttr { expr, .. } | Expr::HasAttr { expr, .. } => {
-            !matches!(**expr, Expr::Var(Var::Context))
+        Expr::Var(Var::Principal) => Some((Reads::WORKLOAD, Reads::NONE)),
+        Expr::Var(Var::Resource) => Some((Reads::ENTRY, Reads::NONE)),
+        Expr::GetAttr { expr, attr }
+            if attr.as_str() == "node" && matches!(**expr, Expr::Var(Var::Principal)) =>
+        {
+            Some((
+                Reads {
+                    node: true,
+                    ..Reads::NONE
+                },
+                Reads::WORKLOAD,
+            ))
         }
-        Expr::Is { expr, in_expr, .. } => in_expr.is_some() || reads_entities(expr),
+        _ => None,
+    }
+}
+
+fn expr_reads(e: &Expr) -> Reads {
+    // Reading an attribute of, or the ancestors of, `base`.
+    let of = |base: &Expr| match base {
+        Expr::Var(Var::Context) => Reads::NONE,
+        _ => match entity_read(base) {
+            Some((entity, inner)) => entity.or(inner),
+            None => Reads::ALL,
+        },
+    };
+    match e {
+        Expr::Literal(_) | Expr::Var(_) => Reads::NONE,
+        Expr::UnaryOp { expr, .. } | Expr::Like { expr, .. } => expr_reads(expr),
+        Expr::BinaryOp { op, left, right } => match op {
+            BinaryOp::GetTag | BinaryOp::HasTag => Reads::ALL,
+            BinaryOp::In if matches!(**left, Expr::Var(Var::Action)) => expr_reads(right),
+            BinaryOp::In => of(left).or(expr_reads(right)),
+            _ => expr_reads(left).or(expr_reads(right)),
+        },
+        Expr::GetAttr { expr, .. } => of(expr),
+        // `e has a.b` reads `e.a` too.
+        Expr::HasAttr { expr, attrs } if attrs.tail.is_empty() => of(expr),
+        Expr::Is {
+            expr,
+            in_expr: Some(target),
+            ..
+        } => of(expr).or(expr_reads(target)),
+        Expr::Is { expr, .. } => expr_reads(expr),
         Expr::IfThenElse {
             cond,
             then_expr,
             else_expr,
-        } => reads_entities(cond) || reads_entities(then_expr) || reads_entities(else_expr),
-        Expr::Set(items) => items.iter().any(|i| reads_entities(i)),
-        Expr::Record(fields) => fields.values().any(|v| reads_entities(v)),
-        _ => true,
+        } => expr_reads(cond)
+            .or(expr_reads(then_expr))
+            .or(expr_reads(else_expr)),
+        Expr::Set(items) => items.iter().fold(Reads::NONE, |r, i| r.or(expr_reads(i))),
+        Expr::Record(fields) => fields
+            .values()
+            .fold(Reads::NONE, |r, v| r.or(expr_reads(v))),
+        _ => Reads::ALL,
+    }
+}
+
+/// Folds what is known for every request of `action`: the action itself,
+/// and the types of the principal (a workload), its node and the resource
+/// (an entry); then every part with no fact left, with Cedar's semantics
+/// (as [`eval`]).
+fn fold(t: Term, action: &str) -> Term {
+    use Term as T;
+    let f = |t: Box<Term>| Box::new(fold(*t, action));
+    let t = match t {
+        T::Fact(Fact::Action) => return T::Entity(EntityType::Action, action.to_owned()),
+        T::Is(a, ty) => match *a {
+            T::Fact(Fact::Principal) => return T::Bool(ty == EntityType::Workload),
+            T::Fact(Fact::Node) => return T::Bool(ty == EntityType::Node),
+            T::Fact(Fact::Resource) => return T::Bool(ty == EntityType::Entry),
+            a => T::Is(Box::new(fold(a, action)), ty),
+        },
+        T::Set(items) => T::Set(items.into_iter().map(|i| fold(i, action)).collect()),
+        T::Not(a) => T::Not(f(a)),
+        T::Neg(a) => T::Neg(f(a)),
+        T::IsEmpty(a) => T::IsEmpty(f(a)),
+        T::And(a, b) => T::And(f(a), f(b)),
+        T::Or(a, b) => T::Or(f(a), f(b)),
+        T::If(c, a, b) => T::If(f(c), f(a), f(b)),
+        T::Eq(a, b) => T::Eq(f(a), f(b)),
+        T::Cmp(op, a, b) => T::Cmp(op, f(a), f(b)),
+        T::Arith(op, a, b) => T::Arith(op, f(a), f(b)),
+        T::In(a, b) => T::In(f(a), f(b)),
+        T::SetOp(op, a, b) => T::SetOp(op, f(a), f(b)),
+        T::Like(a, p) => T::Like(f(a), p),
+        t => t,
+    };
+    match t {
+        // A decided left side decides `&&` and `||`, or leaves the right
+        // side, which Cedar then requires to be a boolean.
+        T::And(a, b) => match (*a, *b) {
+            (T::Bool(false), _) => T::Bool(false),
+            (T::Bool(true), b) if is_boolean(&b) => b,
+            (a, b) => T::And(Box::new(a), Box::new(b)),
+        },
+        T::Or(a, b) => match (*a, *b) {
+            (T::Bool(true), _) => T::Bool(true),
+            (T::Bool(false), b) if is_boolean(&b) => b,
+            (a, b) => T::Or(Box::new(a), Box::new(b)),
+        },
+        T::If(c, a, b) => match *c {
+            T::Bool(true) => *a,
+            T::Bool(false) => *b,
+            c => T::If(Box::new(c), a, b),
+        },
+        t if is_constant(&t) => match eval(&t, None) {
+            Some(Val::Bool(b)) => T::Bool(b),
+            Some(Val::Long(v)) => T::Long(v),
+            Some(Val::Str(s)) => T::Str(s.to_owned()),
+            Some(Val::Entity(ty, id)) => T::Entity(ty.clone(), id.to_owned()),
+            _ => t,
+        },
+        t => t,
+    }
+}
+
+/// Whether `t` always evaluates to a boolean (or fails).
+fn is_boolean(t: &Term) -> bool {
+    matches!(
+        t,
+        Term::Bool(_)
+            | Term::Not(_)
+            | Term::IsEmpty(_)
+            | Term::And(..)
+            | Term::Or(..)
+            | Term::Eq(..)
+            | Term::Cmp(..)
+            | Term::In(..)
+            | Term::SetOp(..)
+            | Term::Is(..)
+            | Term::Like(..)
+    )
+}
+
+/// Whether `t` reads no fact and is modelled throughout.
+fn is_constant(t: &Term) -> bool {
+    match t {
+        Term::Unknown | Term::Fact(_) => false,
+        Term::Bool(_) | Term::Long(_) | Term::Str(_) | Term::Entity(..) => true,
+        Term::Set(items) => items.iter().all(is_constant),
+        Term::Not(a) | Term::Neg(a) | Term::IsEmpty(a) | Term::Is(a, _) | Term::Like(a, _) => {
+            is_constant(a)
+        }
+        Term::And(a, b)
+        | Term::Or(a, b)
+        | Term::Eq(a, b)
+        | Term::Cmp(_, a, b)
+        | Term::Arith(_, a, b)
+        | Term::In(a, b)
+        | Term::SetOp(_, a, b) => is_constant(a) && is_constant(b),
+        Term::If(c, a, b) => is_constant(c) && is_constant(a) && is_constant(b),
     }
 }
 
@@ -680,7 +866,7 @@ fn fact<'a>(f: Fact, x: &IssueFacts<'a>) -> Val<'a> {
 
 /// Evaluates `t` for `x` as Cedar would. `None`: not known (any value, or
 /// an error).
-fn eval<'a>(t: &'a Term, x: &IssueFacts<'a>) -> Option<Val<'a>> {
+fn eval<'a>(t: &'a Term, x: Option<&IssueFacts<'a>>) -> Option<Val<'a>> {
     let bool_of = |t: &'a Term| match eval(t, x)? {
         Val::Bool(b) => Some(b),
         _ => None,
@@ -695,7 +881,7 @@ fn eval<'a>(t: &'a Term, x: &IssueFacts<'a>) -> Option<Val<'a>> {
         Term::Long(v) => Val::Long(*v),
         Term::Str(s) => Val::Str(s),
         Term::Entity(ty, id) => Val::Entity(ty, id),
-        Term::Fact(f) => fact(*f, x),
+        Term::Fact(f) => fact(*f, x?),
         Term::Set(items) => Val::Set(
             items
                 .iter()
@@ -740,7 +926,7 @@ fn eval<'a>(t: &'a Term, x: &IssueFacts<'a>) -> Option<Val<'a>> {
                 return None;
             };
             let within = |target: &Val<'_>| match target {
-                Val::Entity(t, i) => Some(in_entity(x, (ty, id), (t, i))),
+                Val::Entity(t, i) => in_entity(x, (ty, id), (t, i)),
                 _ => None,
             };
             if let Term::Set(items) = &**b {
@@ -793,11 +979,17 @@ fn eval<'a>(t: &'a Term, x: &IssueFacts<'a>) -> Option<Val<'a>> {
 /// issuance request the workload's only ancestor is its node; the node,
 /// the entry and the action have none (the action entity is not in the
 /// request's entities).
-fn in_entity(x: &IssueFacts<'_>, a: (&EntityType, &str), b: (&EntityType, &str)) -> bool {
+/// `None` without the facts, unless `a == b`.
+fn in_entity(
+    x: Option<&IssueFacts<'_>>,
+    a: (&EntityType, &str),
+    b: (&EntityType, &str),
+) -> Option<bool> {
     if a == b {
-        return true;
+        return Some(true);
     }
-    a == (&WORKLOAD, x.workload_id) && b == (&NODE, x.node.spiffe_id.as_str())
+    let x = x?;
+    Some(a == (&WORKLOAD, x.workload_id) && b == (&NODE, x.node.spiffe_id.as_str()))
 }
 
 /// The number of elements of a set value (`None`: not a set).

@@ -340,6 +340,7 @@ fn prefiltered_decisions_equal_the_full_set_on_the_bench_policies() {
     // unconditionally), and so are the built-in ones.
     let modelled = e.prefiltered("issue_jwt");
     assert_eq!(modelled.len(), 18, "{modelled:?}");
+    assert_eq!(e.prefiltered("issue_x509").len(), 13);
     let seen = check_random_requests(&e, 1, 5_000);
     assert!(seen.allowed > 100 && seen.forbidden > 100, "{seen:?}");
     assert!(seen.capped > 100, "{seen:?}");
@@ -409,7 +410,7 @@ fn prefilter_facts_are_the_entity_attributes() {
             jwt: true,
         };
         let input = IssueInput::new(&issue, now, None).unwrap();
-        let cedar = input.to_cedar(None).unwrap();
+        let cedar = input.to_cedar(prefilter::Reads::ALL, None).unwrap();
         let schema: &Schema = super::schema::schema().unwrap();
         // The entities conform to the schema.
         cedar_policy::Entities::from_entities(cedar.entities.clone(), Some(schema)).unwrap();

@@ -18,6 +18,7 @@ use mayfly::selector::SelectorSet;
 use time::OffsetDateTime;
 
 use super::facts::{ContextFacts, EntryFacts, NodeFacts};
+use super::prefilter::Reads;
 use crate::admin::caller::AdminCaller;
 use crate::store::NodeRecord;
 
@@ -478,33 +479,43 @@ impl<'a> IssueInput<'a> {
         }
     }
 
-    /// The Cedar form, reusing (and filling) `cache` for the context.
-    pub fn to_cedar(&self, cache: Option<&EntityCache>) -> Result<CedarInput, RequestError> {
-        let node_id = self.node.entity.uid();
+    /// The Cedar form with the entities `reads` names, reusing (and
+    /// filling) `cache` for the context.
+    pub fn to_cedar(
+        &self,
+        reads: Reads,
+        cache: Option<&EntityCache>,
+    ) -> Result<CedarInput, RequestError> {
         let workload_id = self.principal();
-        let workload = entity(
-            workload_id.clone(),
-            vec![
-                (
-                    "selectors",
-                    strings(self.entry.facts.selectors.iter().map(String::as_str)),
-                ),
-                ("task", string(self.task)),
-                (
-                    "node",
-                    RestrictedExpression::new_entity_uid(node_id.clone()),
-                ),
-            ],
-            HashSet::from([node_id]),
-        )?;
+        let mut entities = Vec::with_capacity(3);
+        if reads.workload {
+            let node_id = self.node.entity.uid();
+            entities.push(entity(
+                workload_id.clone(),
+                vec![
+                    (
+                        "selectors",
+                        strings(self.entry.facts.selectors.iter().map(String::as_str)),
+                    ),
+                    ("task", string(self.task)),
+                    (
+                        "node",
+                        RestrictedExpression::new_entity_uid(node_id.clone()),
+                    ),
+                ],
+                HashSet::from([node_id]),
+            )?);
+        }
+        if reads.node {
+            entities.push(self.node.entity.clone());
+        }
+        if reads.entry {
+            entities.push(self.entry.entity.clone());
+        }
         Ok(CedarInput {
             principal: workload_id,
             resource: self.resource(),
-            entities: vec![
-                workload,
-                self.node.entity.clone(),
-                self.entry.entity.clone(),
-            ],
+            entities,
             context: self.context(cache)?,
         })
     }
@@ -539,7 +550,7 @@ pub fn to_cedar_cached(
                 context: context(&ContextFacts::at(now, 0, &[], renewal, age))?,
             })
         }
-        PolicyRequest::Issue(i) => IssueInput::new(i, now, cache)?.to_cedar(cache),
+        PolicyRequest::Issue(i) => IssueInput::new(i, now, cache)?.to_cedar(Reads::ALL, cache),
         PolicyRequest::Admin(a) => {
             let op_id = uid(&TYPES.operator, &a.caller.id());
             let operator = entity(
