@@ -7,10 +7,12 @@
 //! or agents, so for a given request most of them are plainly not
 //! satisfied. At load time, each policy that applies to an issuance action
 //! is compiled from Cedar's syntax tree ([`cedar_policy::pst`]) into a
-//! small [`Term`] over the request's facts ([`super::facts`]): the
-//! workload, its node, the entry, the action and the context. Per request,
-//! the term is evaluated with Cedar's semantics (left-to-right,
-//! short-circuit `&&`, `||` and `if`, the scope first).
+//! small term over the request's facts ([`super::facts`]): the workload,
+//! its node, the entry, the action and the context. What every request of
+//! the action shares (the action, the principal and resource types) is
+//! folded in at load. Per request, the term is evaluated with Cedar's
+//! semantics (left-to-right, short-circuit `&&`, `||` and `if`, the scope
+//! first).
 //!
 //! Soundness: a policy is left out only when its condition is **known
 //! false, without error**. Every construct not modelled here (extension
@@ -23,7 +25,8 @@
 //! checked by a property test against Cedar on the full set.
 //!
 //! The policy sets Cedar gets are built once per combination of policies
-//! (few in practice) and cached.
+//! (few in practice) and cached, with the request entities their policies
+//! can read ([`Reads`]): Cedar gets only those.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,6 +42,10 @@ use super::schema::NAMESPACE;
 
 /// The most cached policy sets per action; past it the cache starts over.
 const SET_CACHE_LIMIT: usize = 4_096;
+/// The most policies held by the cached sets of one action (each holds a
+/// copy of its policies), which lowers the set limit for large policy
+/// sets.
+const SET_CACHE_POLICIES: usize = 65_536;
 
 /// What the pre-filter knows of one issuance request.
 #[derive(Debug, Clone, Copy)]
@@ -185,16 +192,17 @@ impl ActionFilter {
             }
         }
         let set = Arc::new(Selected { set, reads });
+        let limit = (SET_CACHE_POLICIES / self.policies.len().max(1)).clamp(16, SET_CACHE_LIMIT);
         let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
-        if sets.len() >= SET_CACHE_LIMIT {
+        if sets.len() >= limit {
             sets.clear();
         }
         sets.insert(key, Arc::clone(&set));
         Ok(set)
     }
 
-    /// The ids of the policies whose condition the pre-filter can decide
-    /// without Cedar for some request (for tests and diagnostics).
+    /// The ids of the policies whose condition the pre-filter models (the
+    /// others are always left to Cedar), for tests.
     #[cfg(test)]
     pub fn modelled(&self) -> Vec<String> {
         self.policies
