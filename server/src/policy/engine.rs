@@ -11,7 +11,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::loader::{LoadError, LoadErrors, LoadedPolicies};
-use super::request::{self, Action, PolicyRequest};
+use super::prefilter::{ActionFilter, IssueFacts};
+use super::request::{self, Action, CedarInput, Issue, IssueInput, PolicyRequest};
 use super::schema;
 
 /// The outcome of a policy decision.
@@ -47,6 +48,14 @@ impl Decision {
         }
     }
 
+    /// The default deny: no policy permits the request.
+    fn no_permit(action: &Action, principal: &EntityUid, resource: &EntityUid) -> Self {
+        Self::deny(format!(
+            "no policy permits {} for {principal} on {resource}",
+            action.name()
+        ))
+    }
+
     /// `ttl` limited by the cap, if any.
     pub fn cap(&self, ttl: Ttl) -> Ttl {
         match self.ttl_cap {
@@ -74,6 +83,8 @@ pub struct Engine {
     /// that a decision evaluates only those (the result is the same: the
     /// others cannot apply).
     per_action: HashMap<String, PolicySet>,
+    /// For the issuance actions, the same policies behind the pre-filter.
+    filters: HashMap<String, ActionFilter>,
     /// Node and entry entities already built.
     cache: request::EntityCache,
 }
@@ -120,11 +131,22 @@ impl Engine {
             }
             per_action.insert(name.clone(), set);
         }
+        let filters = [Action::IssueX509, Action::IssueJwt]
+            .iter()
+            .filter_map(|a| {
+                let set = per_action.get(a.name())?;
+                Some((
+                    a.name().to_owned(),
+                    ActionFilter::new(a.name(), set.policies().cloned()),
+                ))
+            })
+            .collect();
         Ok(Self {
             loaded,
             authorizer: Authorizer::new(),
             actions,
             per_action,
+            filters,
             cache: request::EntityCache::default(),
         })
     }
@@ -151,7 +173,32 @@ impl Engine {
 
     /// Decides `req` at `now`. Never fails: a request that cannot be
     /// evaluated is denied with the error.
+    ///
+    /// Issuance requests go through the pre-filter ([`super::prefilter`]):
+    /// Cedar evaluates only the policies that can be satisfied, which gives
+    /// the decision of the full set.
     pub fn decide(&self, req: &PolicyRequest<'_>, now: OffsetDateTime) -> Decision {
+        self.decide_with(req, now, true)
+    }
+
+    /// [`Engine::decide`] without the pre-filter and without cached
+    /// entities: Cedar evaluates every policy whose action scope matches.
+    /// The reference the pre-filter is tested against.
+    #[cfg(test)]
+    pub(super) fn decide_full_set(&self, req: &PolicyRequest<'_>, now: OffsetDateTime) -> Decision {
+        self.decide_with(req, now, false)
+    }
+
+    /// The ids of the issuance policies the pre-filter models, for tests.
+    #[cfg(test)]
+    pub(super) fn prefiltered(&self, action: &str) -> Vec<String> {
+        self.filters
+            .get(action)
+            .map(ActionFilter::modelled)
+            .unwrap_or_default()
+    }
+
+    fn decide_with(&self, req: &PolicyRequest<'_>, now: OffsetDateTime, fast: bool) -> Decision {
         let action = req.action();
         let Some((action_uid, action_entity)) = self.actions.get(action.name()) else {
             return Decision::deny(format!(
@@ -159,7 +206,17 @@ impl Engine {
                 action.name()
             ));
         };
-        let input = match request::to_cedar_cached(req, now, Some(&self.cache)) {
+        let full_set = self
+            .per_action
+            .get(action.name())
+            .unwrap_or(&self.loaded.set);
+        if fast
+            && let PolicyRequest::Issue(issue) = req
+            && let Some(filter) = self.filters.get(action.name())
+        {
+            return self.decide_issue(issue, &action, action_uid, filter, now);
+        }
+        let input = match request::to_cedar_cached(req, now, fast.then_some(&self.cache)) {
             Ok(i) => i,
             Err(e) => return Decision::deny(e.to_string()),
         };
@@ -173,9 +230,68 @@ impl Engine {
                 entities.push(group.clone());
             }
         }
-        let entities = match Entities::from_entities(entities, None) {
-            Ok(e) => e,
-            Err(e) => return Decision::deny(format!("policy entities: {e}")),
+        self.evaluate(
+            &action,
+            action_uid,
+            CedarInput { entities, ..input },
+            full_set,
+        )
+    }
+
+    /// An issuance: the pre-filter picks the policies that can be
+    /// satisfied, Cedar decides on those.
+    fn decide_issue(
+        &self,
+        issue: &Issue<'_>,
+        action: &Action,
+        action_uid: &EntityUid,
+        filter: &ActionFilter,
+        now: OffsetDateTime,
+    ) -> Decision {
+        let input = match IssueInput::new(issue, now, Some(&self.cache)) {
+            Ok(i) => i,
+            Err(e) => return Decision::deny(e.to_string()),
+        };
+        let facts = IssueFacts {
+            action: action.name(),
+            workload_id: &input.workload_id,
+            task: input.task,
+            node: &input.node.facts,
+            entry: &input.entry.facts,
+            context: &input.context,
+        };
+        let selected = match filter.select(&facts) {
+            Ok(s) => s,
+            Err(e) => return Decision::deny(format!("policy set: {e}")),
+        };
+        if selected.set.is_empty() {
+            // What Cedar decides on an empty set, without building the
+            // request.
+            return Decision::no_permit(action, &input.principal(), &input.resource());
+        }
+        // Only the entities the selected policies can read are built:
+        // Cedar decides the same without the others.
+        match input.to_cedar(selected.reads, Some(&self.cache)) {
+            Ok(cedar) => self.evaluate(action, action_uid, cedar, &selected.set),
+            Err(e) => Decision::deny(e.to_string()),
+        }
+    }
+
+    /// Evaluates `set` on `input` with Cedar.
+    fn evaluate(
+        &self,
+        action: &Action,
+        action_uid: &EntityUid,
+        input: CedarInput,
+        set: &PolicySet,
+    ) -> Decision {
+        let entities = if input.entities.is_empty() {
+            Entities::empty()
+        } else {
+            match Entities::from_entities(input.entities, None) {
+                Ok(e) => e,
+                Err(e) => return Decision::deny(format!("policy entities: {e}")),
+            }
         };
         let cedar_req = match cedar_policy::Request::new(
             input.principal.clone(),
@@ -187,15 +303,13 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return Decision::deny(format!("policy request: {e}")),
         };
-        let set = self
-            .per_action
-            .get(action.name())
-            .unwrap_or(&self.loaded.set);
         let resp = self.authorizer.is_authorized(&cedar_req, set, &entities);
         let diag = resp.diagnostics();
         let mut reasons: Vec<String> = diag.reason().map(ToString::to_string).collect();
         reasons.sort();
-        let errors: Vec<String> = diag.errors().map(ToString::to_string).collect();
+        // Sorted, so that the order does not depend on the set's.
+        let mut errors: Vec<String> = diag.errors().map(ToString::to_string).collect();
+        errors.sort();
         let mut allowed = resp.decision() == CedarDecision::Allow;
         let mut ttl_cap = None;
         if allowed {
@@ -213,12 +327,10 @@ impl Engine {
             reasons = vec!["a policy failed to evaluate (see errors)".into()];
         }
         if !allowed && reasons.is_empty() {
-            reasons.push(format!(
-                "no policy permits {} for {} on {}",
-                action.name(),
-                input.principal,
-                input.resource
-            ));
+            return Decision {
+                errors,
+                ..Decision::no_permit(action, &input.principal, &input.resource)
+            };
         }
         Decision {
             allowed,

@@ -8,7 +8,9 @@
 //! policies ([`loader::DEFAULT_POLICY`]) reproduce the registration rules.
 
 pub mod engine;
+pub mod facts;
 pub mod loader;
+pub mod prefilter;
 pub mod reload;
 pub mod request;
 pub mod schema;
@@ -18,5 +20,7 @@ pub use loader::{LoadError, LoadErrors, PolicySources};
 pub use reload::PolicyStore;
 pub use request::{Action, AdminCall, Issue, PolicyRequest};
 
+#[cfg(test)]
+mod prefilter_tests;
 #[cfg(test)]
 mod tests;

@@ -6,16 +6,19 @@
 //! entities built here follow it by construction; a unit test checks it).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use cedar_policy::{
     Context, ContextCreationError, Entity, EntityId, EntityTypeName, EntityUid,
     RestrictedExpression,
 };
-use mayfly::entry::{Assurance, Entry, Scope};
+use mayfly::SpiffeId;
+use mayfly::entry::{Assurance, Entry, EntryId};
 use mayfly::selector::SelectorSet;
 use time::OffsetDateTime;
 
+use super::facts::{ContextFacts, EntryFacts, NodeFacts};
+use super::prefilter::Reads;
 use crate::admin::caller::AdminCaller;
 use crate::store::NodeRecord;
 
@@ -167,32 +170,17 @@ fn long(v: i64) -> RestrictedExpression {
     RestrictedExpression::new_long(v)
 }
 
-fn secs(v: u64) -> RestrictedExpression {
-    long(i64::try_from(v).unwrap_or(i64::MAX))
-}
-
 fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> RestrictedExpression {
     RestrictedExpression::new_set(items.into_iter().map(string))
 }
 
-/// The number policies see for an assurance level: 1 low, 2 medium, 3 high.
-pub fn assurance_level(a: Assurance) -> i64 {
-    match a {
-        Assurance::Low => 1,
-        Assurance::Medium => 2,
-        Assurance::High => 3,
-    }
-}
-
-/// Seconds since the node's last full attestation (0 if in the future).
-pub fn attestation_age(node: &NodeRecord, now: OffsetDateTime) -> i64 {
-    (now - node.attested_at).whole_seconds().max(0)
-}
+pub use super::facts::{assurance_level, attestation_age};
 
 /// The most cached entities of each kind; past it the cache starts over.
 const CACHE_LIMIT: usize = 100_000;
 
-/// Everything a node entity is built from: equal keys give equal entities.
+/// Everything a node entity is built from, besides its id: equal keys
+/// give equal entities.
 #[derive(Debug, PartialEq, Eq)]
 struct NodeKey {
     attestor: String,
@@ -216,24 +204,50 @@ impl NodeKey {
             can_reattest: node.can_reattest,
         }
     }
+
+    /// `*self == NodeKey::of(node, now)`, without copying.
+    fn matches(&self, node: &NodeRecord, now: OffsetDateTime) -> bool {
+        self.age == attestation_age(node, now)
+            && self.attested_at == node.attested_at.unix_timestamp()
+            && self.assurance == node.assurance
+            && self.banned == node.banned
+            && self.can_reattest == node.can_reattest
+            && self.attestor == node.attestor
+            && self.selectors == node.selectors
+    }
 }
 
-/// What varies in an issuance context within one second: requested TTL,
-/// audience, attestation age.
-type ContextKey = (u64, Vec<String>, i64);
+/// Node entities, by SPIFFE ID, with what they were built from.
+type Nodes = HashMap<SpiffeId, (NodeKey, Arc<Built<NodeFacts>>)>;
+
+/// Entry entities, by id, with their revision.
+type Entries = HashMap<EntryId, (u64, Arc<Built<EntryFacts>>)>;
+
+/// Built issuance contexts of one second, by (requested TTL, attestation
+/// age), then audience.
+type Contexts = HashMap<(i64, i64), Vec<(Vec<String>, Context)>>;
+
+/// Facts and the Cedar entity built from them.
+#[derive(Debug)]
+pub struct Built<F> {
+    /// The attribute values.
+    pub facts: F,
+    /// The Cedar entity with those values.
+    pub entity: Entity,
+}
 
 /// Cedar entities already built, so that the issuance path does not
-/// rebuild them on every request: entries by (id, revision) (an entry's
+/// rebuild them on every request: entries by id and revision (an entry's
 /// revision changes with every change), nodes by SPIFFE ID with every
 /// attribute they were built from (the attestation age changes every
 /// second, so a node entity is reused within the same second).
 #[derive(Debug, Default)]
 pub struct EntityCache {
-    nodes: Mutex<HashMap<String, (NodeKey, Entity)>>,
-    entries: Mutex<HashMap<(String, u64), Entity>>,
-    // Issuance contexts of the current second, by (requested TTL,
-    // audience, attestation age); emptied when the second changes.
-    contexts: Mutex<(i64, HashMap<ContextKey, Context>)>,
+    nodes: Mutex<Nodes>,
+    entries: Mutex<Entries>,
+    // Issuance contexts of the current second; emptied when the second
+    // changes.
+    contexts: Mutex<(i64, Contexts, usize)>,
 }
 
 impl EntityCache {
@@ -241,81 +255,73 @@ impl EntityCache {
         &self,
         node: &NodeRecord,
         now: OffsetDateTime,
-    ) -> Result<(EntityUid, Entity), RequestError> {
-        let key = NodeKey::of(node, now);
-        let id = node.spiffe_id.to_string();
+    ) -> Result<Arc<Built<NodeFacts>>, RequestError> {
         {
             let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((k, e)) = nodes.get(&id)
-                && *k == key
+            if let Some((k, b)) = nodes.get(&node.spiffe_id)
+                && k.matches(node, now)
             {
-                return Ok((e.uid(), e.clone()));
+                return Ok(Arc::clone(b));
             }
         }
-        let (uid, e) = node_entity(node, now)?;
+        let built = Arc::new(node_entity(NodeFacts::of(node, now))?);
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         if nodes.len() >= CACHE_LIMIT {
             nodes.clear();
         }
-        nodes.insert(id, (key, e.clone()));
-        Ok((uid, e))
+        nodes.insert(
+            node.spiffe_id.clone(),
+            (NodeKey::of(node, now), Arc::clone(&built)),
+        );
+        Ok(built)
     }
 
-    fn issue_context(
-        &self,
-        now: OffsetDateTime,
-        requested_ttl: u64,
-        audience: &[String],
-        attestation_age: i64,
-    ) -> Result<Context, RequestError> {
-        let second = now.unix_timestamp();
-        let key = (requested_ttl, audience.to_vec(), attestation_age);
+    fn issue_context(&self, facts: &ContextFacts<'_>) -> Result<Context, RequestError> {
+        let key = (facts.requested_ttl, facts.attestation_age);
         {
             let cached = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
-            if cached.0 == second
-                && let Some(c) = cached.1.get(&key)
+            if cached.0 == facts.now
+                && let Some(built) = cached.1.get(&key)
+                && let Some((_, c)) = built.iter().find(|(a, _)| a == facts.audience)
             {
                 return Ok(c.clone());
             }
         }
-        let c = context(
-            now,
-            ContextValues {
-                requested_ttl,
-                audience,
-                renewal: false,
-                attestation_age,
-            },
-        )?;
+        let c = context(facts)?;
         let mut cached = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
-        if cached.0 != second || cached.1.len() >= CACHE_LIMIT {
-            *cached = (second, HashMap::new());
+        if cached.0 != facts.now || cached.2 >= CACHE_LIMIT {
+            *cached = (facts.now, HashMap::new(), 0);
         }
-        cached.1.insert(key, c.clone());
+        cached
+            .1
+            .entry(key)
+            .or_default()
+            .push((facts.audience.to_vec(), c.clone()));
+        cached.2 += 1;
         Ok(c)
     }
 
-    fn entry(&self, entry: &Entry) -> Result<(EntityUid, Entity), RequestError> {
+    fn entry(&self, entry: &Entry) -> Result<Arc<Built<EntryFacts>>, RequestError> {
         // Revision 0 is an entry that was never stored (a dry run).
         if entry.revision == 0 {
-            return entry_entity(entry);
+            return Ok(Arc::new(entry_entity(EntryFacts::of(entry))?));
         }
-        let key = (entry.id.as_str().to_owned(), entry.revision);
-        if let Some(e) = self
+        if let Some((revision, b)) = self
             .entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
+            .get(&entry.id)
+            && *revision == entry.revision
         {
-            return Ok((e.uid(), e.clone()));
+            return Ok(Arc::clone(b));
         }
-        let (uid, e) = entry_entity(entry)?;
+        let built = Arc::new(entry_entity(EntryFacts::of(entry))?);
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= CACHE_LIMIT {
             entries.clear();
         }
-        entries.insert(key, e.clone());
-        Ok((uid, e))
+        entries.insert(entry.id.clone(), (entry.revision, Arc::clone(&built)));
+        Ok(built)
     }
 }
 
@@ -341,103 +347,178 @@ fn entity(
         .map_err(|e| RequestError::Entity(uid.to_string(), e.to_string()))
 }
 
-fn node_entity(
-    node: &NodeRecord,
-    now: OffsetDateTime,
-) -> Result<(EntityUid, Entity), RequestError> {
-    let id = uid(&TYPES.node, &node.spiffe_id.to_string());
-    let selectors: Vec<String> = node.selectors.iter().map(ToString::to_string).collect();
-    let e = entity(
-        id.clone(),
+fn node_entity(facts: NodeFacts) -> Result<Built<NodeFacts>, RequestError> {
+    let f = &facts;
+    let entity = entity(
+        uid(&TYPES.node, &f.spiffe_id),
         vec![
-            ("spiffe_id", string(node.spiffe_id.to_string())),
-            ("attestor", string(node.attestor.as_str())),
-            ("assurance", long(assurance_level(node.assurance))),
-            ("selectors", strings(selectors.iter().map(String::as_str))),
-            ("attested_at", long(node.attested_at.unix_timestamp())),
-            ("attestation_age", long(attestation_age(node, now))),
-            ("banned", RestrictedExpression::new_bool(node.banned)),
+            ("spiffe_id", string(f.spiffe_id.as_str())),
+            ("attestor", string(f.attestor.as_str())),
+            ("assurance", long(f.assurance)),
+            ("selectors", strings(f.selectors.iter().map(String::as_str))),
+            ("attested_at", long(f.attested_at)),
+            ("attestation_age", long(f.attestation_age)),
+            ("banned", RestrictedExpression::new_bool(f.banned)),
             (
                 "can_reattest",
-                RestrictedExpression::new_bool(node.can_reattest),
+                RestrictedExpression::new_bool(f.can_reattest),
             ),
         ],
         HashSet::new(),
     )?;
-    Ok((id, e))
+    Ok(Built { facts, entity })
 }
 
-fn entry_entity(entry: &Entry) -> Result<(EntityUid, Entity), RequestError> {
-    let id = uid(&TYPES.entry, entry.id.as_str());
-    let selectors: Vec<String> = entry.selectors.iter().map(ToString::to_string).collect();
-    let e = entity(
-        id.clone(),
+fn entry_entity(facts: EntryFacts) -> Result<Built<EntryFacts>, RequestError> {
+    let f = &facts;
+    let entity = entity(
+        uid(&TYPES.entry, &f.id),
         vec![
-            ("spiffe_id", string(entry.spiffe_id.to_string())),
-            ("parent_id", string(entry.parent_id.to_string())),
-            ("selectors", strings(selectors.iter().map(String::as_str))),
-            (
-                "min_assurance",
-                long(entry.min_assurance.map_or(0, assurance_level)),
-            ),
-            (
-                "max_attestation_age",
-                secs(entry.max_attestation_age.map_or(0, |t| t.as_secs())),
-            ),
-            ("admin", RestrictedExpression::new_bool(entry.admin)),
-            (
-                "downstream",
-                RestrictedExpression::new_bool(entry.downstream),
-            ),
-            (
-                "scope",
-                string(match entry.scope {
-                    Scope::Shared => "shared",
-                    _ => "task",
-                }),
-            ),
-            (
-                "x509_svid_ttl",
-                secs(entry.x509_svid_ttl.map_or(0, |t| t.as_secs())),
-            ),
-            (
-                "jwt_svid_ttl",
-                secs(entry.jwt_svid_ttl.map_or(0, |t| t.as_secs())),
-            ),
+            ("spiffe_id", string(f.spiffe_id.as_str())),
+            ("parent_id", string(f.parent_id.as_str())),
+            ("selectors", strings(f.selectors.iter().map(String::as_str))),
+            ("min_assurance", long(f.min_assurance)),
+            ("max_attestation_age", long(f.max_attestation_age)),
+            ("admin", RestrictedExpression::new_bool(f.admin)),
+            ("downstream", RestrictedExpression::new_bool(f.downstream)),
+            ("scope", string(f.scope)),
+            ("x509_svid_ttl", long(f.x509_svid_ttl)),
+            ("jwt_svid_ttl", long(f.jwt_svid_ttl)),
         ],
         HashSet::new(),
     )?;
-    Ok((id, e))
+    Ok(Built { facts, entity })
 }
 
-struct ContextValues<'a> {
-    requested_ttl: u64,
-    audience: &'a [String],
-    renewal: bool,
-    attestation_age: i64,
-}
-
-fn context(now: OffsetDateTime, v: ContextValues<'_>) -> Result<Context, RequestError> {
-    let utc = now.to_offset(time::UtcOffset::UTC);
+fn context(f: &ContextFacts<'_>) -> Result<Context, RequestError> {
     Context::from_pairs([
-        ("now".to_owned(), long(utc.unix_timestamp())),
-        ("hour".to_owned(), long(i64::from(utc.hour()))),
-        (
-            "weekday".to_owned(),
-            long(i64::from(utc.weekday().number_from_monday())),
-        ),
-        ("requested_ttl".to_owned(), secs(v.requested_ttl)),
+        ("now".to_owned(), long(f.now)),
+        ("hour".to_owned(), long(f.hour)),
+        ("weekday".to_owned(), long(f.weekday)),
+        ("requested_ttl".to_owned(), long(f.requested_ttl)),
         (
             "audience".to_owned(),
-            strings(v.audience.iter().map(String::as_str)),
+            strings(f.audience.iter().map(String::as_str)),
         ),
         (
             "renewal".to_owned(),
-            RestrictedExpression::new_bool(v.renewal),
+            RestrictedExpression::new_bool(f.renewal),
         ),
-        ("attestation_age".to_owned(), long(v.attestation_age)),
+        ("attestation_age".to_owned(), long(f.attestation_age)),
     ])
     .map_err(|e: ContextCreationError| RequestError::Context(e.to_string()))
+}
+
+/// An issuance request's facts, with the node and entry entities they were
+/// built with: what the pre-filter reads, and what [`IssueInput::to_cedar`]
+/// turns into the Cedar request.
+#[derive(Debug)]
+pub struct IssueInput<'a> {
+    /// The calling agent.
+    pub node: Arc<Built<NodeFacts>>,
+    /// The entry.
+    pub entry: Arc<Built<EntryFacts>>,
+    /// The workload's entity id, `<agent>#<entry id>#<task>`.
+    pub workload_id: String,
+    /// Its task id.
+    pub task: &'a str,
+    /// The context.
+    pub context: ContextFacts<'a>,
+}
+
+impl<'a> IssueInput<'a> {
+    /// The facts of `issue` at `now`, reusing (and filling) `cache`.
+    pub fn new(
+        issue: &Issue<'a>,
+        now: OffsetDateTime,
+        cache: Option<&EntityCache>,
+    ) -> Result<Self, RequestError> {
+        let node = match cache {
+            Some(c) => c.node(issue.node, now)?,
+            None => Arc::new(node_entity(NodeFacts::of(issue.node, now))?),
+        };
+        let entry = match cache {
+            Some(c) => c.entry(issue.entry)?,
+            None => Arc::new(entry_entity(EntryFacts::of(issue.entry))?),
+        };
+        let workload_id = format!(
+            "{}#{}#{}",
+            node.facts.spiffe_id, entry.facts.id, issue.task_id
+        );
+        let context = ContextFacts::at(
+            now,
+            issue.requested_ttl,
+            issue.audience,
+            false,
+            node.facts.attestation_age,
+        );
+        Ok(Self {
+            node,
+            entry,
+            workload_id,
+            task: issue.task_id,
+            context,
+        })
+    }
+
+    /// The principal (the workload).
+    pub fn principal(&self) -> EntityUid {
+        uid(&TYPES.workload, &self.workload_id)
+    }
+
+    /// The resource (the entry).
+    pub fn resource(&self) -> EntityUid {
+        self.entry.entity.uid()
+    }
+
+    /// The Cedar context, reusing (and filling) `cache`.
+    pub fn context(&self, cache: Option<&EntityCache>) -> Result<Context, RequestError> {
+        match cache {
+            Some(c) => c.issue_context(&self.context),
+            None => context(&self.context),
+        }
+    }
+
+    /// The Cedar form with the entities `reads` names, reusing (and
+    /// filling) `cache` for the context.
+    pub fn to_cedar(
+        &self,
+        reads: Reads,
+        cache: Option<&EntityCache>,
+    ) -> Result<CedarInput, RequestError> {
+        let workload_id = self.principal();
+        let mut entities = Vec::with_capacity(3);
+        if reads.workload {
+            let node_id = self.node.entity.uid();
+            entities.push(entity(
+                workload_id.clone(),
+                vec![
+                    (
+                        "selectors",
+                        strings(self.entry.facts.selectors.iter().map(String::as_str)),
+                    ),
+                    ("task", string(self.task)),
+                    (
+                        "node",
+                        RestrictedExpression::new_entity_uid(node_id.clone()),
+                    ),
+                ],
+                HashSet::from([node_id]),
+            )?);
+        }
+        if reads.node {
+            entities.push(self.node.entity.clone());
+        }
+        if reads.entry {
+            entities.push(self.entry.entity.clone());
+        }
+        Ok(CedarInput {
+            principal: workload_id,
+            resource: self.resource(),
+            entities,
+            context: self.context(cache)?,
+        })
+    }
 }
 
 /// Builds the Cedar principal, resource, entities and context of `req` at
@@ -455,76 +536,21 @@ pub fn to_cedar_cached(
     match req {
         PolicyRequest::Attest(node) | PolicyRequest::Renew(node) => {
             let renewal = matches!(req, PolicyRequest::Renew(_));
-            let (id, e) = node_entity(node, now)?;
+            let age = if renewal {
+                attestation_age(node, now)
+            } else {
+                0
+            };
+            let built = node_entity(NodeFacts::of(node, now))?;
+            let id = built.entity.uid();
             Ok(CedarInput {
                 principal: id.clone(),
                 resource: id,
-                entities: vec![e],
-                context: context(
-                    now,
-                    ContextValues {
-                        requested_ttl: 0,
-                        audience: &[],
-                        renewal,
-                        attestation_age: if renewal {
-                            attestation_age(node, now)
-                        } else {
-                            0
-                        },
-                    },
-                )?,
+                entities: vec![built.entity],
+                context: context(&ContextFacts::at(now, 0, &[], renewal, age))?,
             })
         }
-        PolicyRequest::Issue(i) => {
-            let (node_id, node) = match cache {
-                Some(c) => c.node(i.node, now)?,
-                None => node_entity(i.node, now)?,
-            };
-            let (entry_id, entry) = match cache {
-                Some(c) => c.entry(i.entry)?,
-                None => entry_entity(i.entry)?,
-            };
-            let workload_id = uid(
-                &TYPES.workload,
-                &format!("{}#{}#{}", i.node.spiffe_id, i.entry.id.as_str(), i.task_id),
-            );
-            let selectors: Vec<String> =
-                i.entry.selectors.iter().map(ToString::to_string).collect();
-            let workload = entity(
-                workload_id.clone(),
-                vec![
-                    ("selectors", strings(selectors.iter().map(String::as_str))),
-                    ("task", string(i.task_id)),
-                    (
-                        "node",
-                        RestrictedExpression::new_entity_uid(node_id.clone()),
-                    ),
-                ],
-                HashSet::from([node_id]),
-            )?;
-            Ok(CedarInput {
-                principal: workload_id,
-                resource: entry_id,
-                entities: vec![workload, node, entry],
-                context: match cache {
-                    Some(c) => c.issue_context(
-                        now,
-                        i.requested_ttl,
-                        i.audience,
-                        attestation_age(i.node, now),
-                    )?,
-                    None => context(
-                        now,
-                        ContextValues {
-                            requested_ttl: i.requested_ttl,
-                            audience: i.audience,
-                            renewal: false,
-                            attestation_age: attestation_age(i.node, now),
-                        },
-                    )?,
-                },
-            })
-        }
+        PolicyRequest::Issue(i) => IssueInput::new(i, now, cache)?.to_cedar(Reads::ALL, cache),
         PolicyRequest::Admin(a) => {
             let op_id = uid(&TYPES.operator, &a.caller.id());
             let operator = entity(
@@ -549,15 +575,7 @@ pub fn to_cedar_cached(
                 principal: op_id,
                 resource: api_id,
                 entities: vec![operator, api],
-                context: context(
-                    now,
-                    ContextValues {
-                        requested_ttl: 0,
-                        audience: &[],
-                        renewal: false,
-                        attestation_age: 0,
-                    },
-                )?,
+                context: context(&ContextFacts::at(now, 0, &[], false, 0))?,
             })
         }
     }
