@@ -92,7 +92,23 @@ async fn run_until(
         .map(|b| b.x509_authorities.clone())
         .unwrap_or_default();
     if let Some(path) = &config.trust_bundle_path {
-        let certs = storage::read_pem_certificates(path).context("agent.trust_bundle_path")?;
+        let certs = match storage::read_pem_certificates(path) {
+            Ok(certs) => certs,
+            // The stored bundle (kept current by the server) is enough.
+            Err(e) if stored_bundle.is_some() && bundle_not_there_yet(path) => {
+                tracing::warn!(error = %e, "agent.trust_bundle_path is not readable; using the stored trust bundle");
+                Vec::new()
+            }
+            // In Kubernetes the server publishes the bundle into a ConfigMap
+            // the agent mounts; on a first install the agent may start first.
+            Err(_) if bundle_not_there_yet(path) => {
+                match wait_for_bundle_file(path, stop_rx.clone()).await {
+                    Some(certs) => certs,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e).context("agent.trust_bundle_path"),
+        };
         for der in certs {
             if !anchors_der.contains(&der) {
                 anchors_der.push(der);
@@ -359,6 +375,50 @@ async fn attest_until_done(
         tokio::select! {
             () = sync::stop_requested(&mut stop) => return Ok(false),
             () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Whether the bootstrap bundle file is missing or empty (not yet written),
+/// as opposed to present and wrong.
+fn bundle_not_there_yet(path: &std::path::Path) -> bool {
+    match std::fs::metadata(path) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(m) => m.len() == 0,
+    }
+}
+
+/// How often a missing bootstrap bundle file is looked for.
+const BUNDLE_WAIT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits until `path` holds certificates (or stop is requested: `None`),
+/// saying so once: a first install in Kubernetes starts agents before the
+/// server has published its bundle.
+async fn wait_for_bundle_file(
+    path: &std::path::Path,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Vec<Vec<u8>>> {
+    tracing::warn!(
+        path = %path.display(),
+        "waiting for the trust bundle file (agent.trust_bundle_path) to appear; in Kubernetes the \
+         server publishes it to the ConfigMap this file is mounted from"
+    );
+    loop {
+        match storage::read_pem_certificates(path) {
+            Ok(certs) => {
+                tracing::info!(path = %path.display(), certificates = certs.len(), "trust bundle file found");
+                return Some(certs);
+            }
+            Err(e) if !bundle_not_there_yet(path) => {
+                // Present but being written (or wrong): look again shortly;
+                // a wrong file is reported each time.
+                tracing::warn!(error = %e, "the trust bundle file is not usable yet");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = sync::stop_requested(&mut stop) => return None,
+            () = tokio::time::sleep(BUNDLE_WAIT_POLL) => {}
         }
     }
 }

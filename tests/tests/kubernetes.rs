@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use mayfly_e2e::fake_kube::{FakeKube, FakeToken};
-use mayfly_e2e::{Agent, Server, TRUST_DOMAIN, fetch_x509_child, my_uid, wait_for};
+use mayfly_e2e::{
+    Agent, Proc, Server, TRUST_DOMAIN, agent_healthcheck, bin, fetch_x509_child, free_port, my_uid,
+    wait_for,
+};
 
 const NODE_UID: &str = "7c0d4a52-3e9b-4f0e-8a61-2d5b9e4f7a10";
 
@@ -146,4 +149,66 @@ fn an_agent_whose_service_account_is_not_allowed_is_refused_with_the_reason() {
         "{log}"
     );
     assert!(!log.contains("intruder-token"), "the token is never logged");
+}
+
+#[test]
+fn an_agent_started_before_the_bundle_is_published_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kube, server_toml) = cluster(dir.path());
+    let server = Server::start_with(&server_toml).unwrap();
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let token_path = agent_dir.join("token");
+    std::fs::write(&token_path, "agent-token").unwrap();
+    // Where the kubelet would project the ConfigMap: nothing there yet.
+    let mounted = agent_dir.join("bundle").join("bundle.pem");
+    let health = format!("127.0.0.1:{}", free_port());
+    let config = agent_dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\n{}",
+            server.address,
+            agent_dir.join("data").display(),
+            agent_dir.join("api.sock").display(),
+            mounted.display(),
+            agent_toml(&token_path),
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin("mayfly-agent"));
+    cmd.arg("run").arg("--config").arg(&config);
+    let mut agent = Proc::spawn_logged(cmd, agent_dir.join("agent.log")).unwrap();
+    wait_for("the agent to say it waits", Duration::from_secs(20), || {
+        agent
+            .log_text()
+            .contains("waiting for the trust bundle file")
+            .then_some(())
+    })
+    .unwrap();
+    assert!(
+        agent.try_wait().is_none(),
+        "the agent waits instead of exiting"
+    );
+    assert!(!agent_healthcheck(&health).0);
+
+    // The "kubelet" projects the ConfigMap the server wrote.
+    let published = wait_for("the bundle ConfigMap", Duration::from_secs(20), || {
+        kube.configmap_data("mayfly", "mayfly-bundle")
+            .and_then(|d| d["bundle.pem"].as_str().map(str::to_owned))
+    })
+    .unwrap();
+    std::fs::create_dir_all(mounted.parent().unwrap()).unwrap();
+    std::fs::write(&mounted, published).unwrap();
+    wait_for(
+        "the agent to attest and be ready",
+        Duration::from_secs(30),
+        || {
+            if let Some(status) = agent.try_wait() {
+                panic!("agent exited ({status}):\n{}", agent.log_text());
+            }
+            agent_healthcheck(&health).0.then_some(())
+        },
+    )
+    .unwrap();
 }
