@@ -6,6 +6,7 @@
 //! Every write returns only once it is durable (flushed), so that an
 //! acknowledged change survives a crash.
 
+mod group_flush;
 pub mod sled_store;
 
 use mayfly::SpiffeId;
