@@ -189,6 +189,16 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn put_issued_pending(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in records {
+            batch.insert(r.id.key().as_bytes(), encode(r)?);
+        }
+        // `Db::flush` writes every tree's pending updates: the next
+        // `durable()` of this store covers this batch.
+        self.issued.apply_batch(batch).map_err(backend)
+    }
+
     fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
         let key = id.key();
         self.issued
