@@ -12,6 +12,12 @@
 //! `ReportTaskEnd`, the server's store write and CRL signing, `Sync` push to
 //! B, and B's Workload API push.
 //!
+//! The suite (issue 7): `mayfly-bench all [--duration S] [--json FILE] [--smoke]`
+//! runs every scenario — `crypto` (the ceiling), `x509`, `x509-mint-http`,
+//! `jwt` against real `mayfly-server` processes, then `policy` and
+//! `revocation` — and prints one table; each also runs alone. See
+//! `docs/performance.md`.
+//!
 //! `cargo run --release -p mayfly-bench -- revocation --tasks 1000 [--concurrency 1] [--json FILE]`
 //! `cargo run --release -p mayfly-bench -- policy [--smoke]`: see the `policy` module.
 //! `cargo run --release -p mayfly-bench -- revocation --smoke` (20 tasks; exit 1 if a revocation never arrives or a task fails — never on time)
@@ -32,7 +38,14 @@ use mayfly_agent::config::AgentConfig;
 use mayfly_server::config::ServerConfig;
 use tokio::sync::{Notify, watch};
 
+mod crypto;
+mod harness;
+mod jwt;
+mod mint_http;
+mod node_client;
 mod policy;
+mod scenario;
+mod x509;
 
 /// The issue's budget for the p99.
 const BUDGET: Duration = Duration::from_secs(1);
@@ -46,6 +59,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Every scenario: crypto, x509, x509-mint-http, jwt, policy, revocation.
+    All(scenario::SuiteArgs),
+    /// Scenario 6: the crypto ceiling (CSR parse + verify + sign, JWT sign), no server.
+    Crypto(scenario::SuiteArgs),
+    /// Scenario 1: SignX509 through the node API (after the crypto ceiling).
+    X509(scenario::SuiteArgs),
+    /// Scenario 1b: the admin API's POST /v1/x509/mint (after the crypto ceiling).
+    X509MintHttp(scenario::SuiteArgs),
+    /// Scenario 2: MintJwt through the node API (after the crypto ceiling).
+    Jwt(scenario::SuiteArgs),
     /// Task end → revocation visible in agent B's Workload API `crl` field.
     Revocation(RevocationArgs),
     /// The cost of one policy decision on the issuance path.
@@ -80,6 +103,11 @@ struct RevocationArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::All(args) => suite(&Suite::ALL, &args),
+        Cmd::Crypto(args) => suite(&[Suite::Crypto], &args),
+        Cmd::X509(args) => suite(&[Suite::Crypto, Suite::X509], &args),
+        Cmd::X509MintHttp(args) => suite(&[Suite::Crypto, Suite::X509MintHttp], &args),
+        Cmd::Jwt(args) => suite(&[Suite::Crypto, Suite::Jwt], &args),
         Cmd::Child { socket } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -90,6 +118,74 @@ fn main() -> Result<()> {
             .build()?
             .block_on(revocation(args)),
     }
+}
+
+// ---------------------------------------------------------------------------
+// The suite.
+
+/// The scenarios of the suite's table, in the order `all` runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suite {
+    Crypto,
+    X509,
+    X509MintHttp,
+    Jwt,
+}
+
+impl Suite {
+    const ALL: [Suite; 4] = [Suite::Crypto, Suite::X509, Suite::X509MintHttp, Suite::Jwt];
+}
+
+/// Runs `which` (the crypto ceiling first), prints the table, writes the
+/// JSON; with `all`, then the policy and revocation benchmarks.
+fn suite(which: &[Suite], args: &scenario::SuiteArgs) -> Result<()> {
+    let settings = scenario::Settings::from_args(args)?;
+    let mut report = harness::Report::new(settings.smoke);
+    eprintln!(
+        "mayfly-bench: {} s per variant; generating CSRs ahead of time",
+        settings.duration.as_secs_f64()
+    );
+    let csrs = Arc::new(scenario::Csrs::generate(if settings.smoke {
+        256
+    } else {
+        4096
+    })?);
+    let (rows, ceiling) = crypto::run(&settings, &csrs)?;
+    report.rows.extend(rows);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()?;
+    for s in which {
+        let rows = match s {
+            Suite::Crypto => continue,
+            Suite::X509 => rt.block_on(x509::run(&settings, &csrs, ceiling))?,
+            Suite::X509MintHttp => rt.block_on(mint_http::run(&settings, &csrs, ceiling))?,
+            Suite::Jwt => rt.block_on(jwt::run(&settings, ceiling))?,
+        };
+        report.rows.extend(rows);
+    }
+    drop(rt);
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+    }
+    if which == Suite::ALL {
+        eprintln!("mayfly-bench: policy");
+        policy::run(policy::PolicyArgs::for_suite(settings.smoke))?;
+        eprintln!("mayfly-bench: revocation");
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(revocation(RevocationArgs {
+                tasks: 1000,
+                smoke: settings.smoke,
+                concurrency: 1,
+                json: None,
+                drain_secs: 30,
+            }))?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -40,6 +40,18 @@ pub struct PolicyArgs {
     json: Option<PathBuf>,
 }
 
+impl PolicyArgs {
+    /// The defaults, as `mayfly-bench all` runs it.
+    pub fn for_suite(smoke: bool) -> Self {
+        Self {
+            iterations: 200_000,
+            entries: 10_000,
+            smoke,
+            json: None,
+        }
+    }
+}
+
 const PREFIXES: [&str; 5] = ["payments", "web", "batch", "db", "ml"];
 
 fn extra_policies() -> String {

@@ -22,16 +22,16 @@ pub fn agent_actor(id: &SpiffeId) -> Actor {
     Actor::new(ActorKind::Agent, id.to_string(), BY_SVID)
 }
 
-/// One `x509.issue` / `jwt.issue` record per issued credential, stored with
-/// one durable write. `extra` adds details to each (the JWT audience).
+/// One `x509.issue` / `jwt.issue` event per issued credential, to store
+/// with the records (`ServerState::record_issued_audited`). `extra` adds
+/// details to each (the JWT audience).
 pub fn issued(
-    ctx: &NodeCtx,
     agent: &Agent,
     action: &str,
     records: &[IssuedRecord],
     extra: &[(&str, serde_json::Value)],
-) -> ServiceResult<()> {
-    let events = records
+) -> Vec<AuditEvent> {
+    records
         .iter()
         .map(|r| {
             let mut e = AuditEvent::ok(agent_actor(&agent.spiffe_id), action)
@@ -61,8 +61,7 @@ pub fn issued(
             }
             e
         })
-        .collect();
-    ctx.state.audit_all(events)
+        .collect()
 }
 
 /// Records a refused or failed call (blocking; errors are logged).

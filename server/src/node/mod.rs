@@ -327,18 +327,29 @@ impl Node for NodeService {
         async {
             let agent = self.agent(&request, "x509.issue").await?;
             let req = request.into_inner();
-            // Signing is CPU work and touches no store: no blocking pool.
-            let resp = sign::sign_x509(&self.ctx, &agent, &req).inspect_err(|e| {
-                tracing::info!(reason = %e, "refused SignX509");
-                let entries: Vec<&str> = req.items.iter().map(|i| i.entry_id.as_str()).collect();
-                audit::refused(
-                    &self.ctx,
-                    audit::agent_actor(&agent.spiffe_id),
-                    "x509.issue",
-                    Some(entries.join(",")),
-                    e,
-                );
-            })?;
+            let ctx = Arc::clone(&self.ctx);
+            // The issued-credential and audit records are durable writes
+            // (group-committed) that wait for a flush: on the blocking pool,
+            // so that the async threads keep serving other calls and
+            // concurrent calls share flushes.
+            let span = tracing::Span::current();
+            let resp = blocking(move || {
+                let _span = span.enter();
+                sign::sign_x509(&ctx, &agent, &req).inspect_err(|e| {
+                    tracing::info!(reason = %e, "refused SignX509");
+                    let entries: Vec<&str> =
+                        req.items.iter().map(|i| i.entry_id.as_str()).collect();
+                    audit::refused(
+                        &ctx,
+                        audit::agent_actor(&agent.spiffe_id),
+                        "x509.issue",
+                        Some(entries.join(",")),
+                        e,
+                    );
+                })
+            })
+            .in_current_span()
+            .await?;
             Ok(Response::new(resp))
         }
         .instrument(span)
@@ -392,16 +403,24 @@ impl Node for NodeService {
             let agent = self.agent(&request, "jwt.issue").await?;
             let req = request.into_inner();
             tracing::Span::current().record("entry", req.entry_id.as_str());
-            let resp = sign::mint_jwt(&self.ctx, &agent, &req).inspect_err(|e| {
-                tracing::info!(reason = %e, "refused MintJwt");
-                audit::refused(
-                    &self.ctx,
-                    audit::agent_actor(&agent.spiffe_id),
-                    "jwt.issue",
-                    Some(req.entry_id.clone()),
-                    e,
-                );
-            })?;
+            let ctx = Arc::clone(&self.ctx);
+            // Durable writes that wait for a flush: see `sign_x509`.
+            let span = tracing::Span::current();
+            let resp = blocking(move || {
+                let _span = span.enter();
+                sign::mint_jwt(&ctx, &agent, &req).inspect_err(|e| {
+                    tracing::info!(reason = %e, "refused MintJwt");
+                    audit::refused(
+                        &ctx,
+                        audit::agent_actor(&agent.spiffe_id),
+                        "jwt.issue",
+                        Some(req.entry_id.clone()),
+                        e,
+                    );
+                })
+            })
+            .in_current_span()
+            .await?;
             Ok(Response::new(resp))
         }
         .instrument(span)

@@ -37,8 +37,9 @@ fn issued(
 pub const MAX_SIGN_ITEMS: usize = 256;
 
 /// Signs every item or none: the first refused item fails the call,
-/// naming its entry. Every SVID is recorded (one durable write for the
-/// batch) before the response, so that it can be revoked.
+/// naming its entry. Every SVID is recorded and audited (one durable write
+/// for the batch and its audit records) before the response, so that it
+/// can be revoked.
 pub fn sign_x509(
     ctx: &NodeCtx,
     agent: &Agent,
@@ -87,8 +88,8 @@ pub fn sign_x509(
             task_id: item.task_id.clone(),
         });
     }
-    state.record_issued(&records)?;
-    super::audit::issued(ctx, agent, "x509.issue", &records, &[])?;
+    let events = super::audit::issued(agent, "x509.issue", &records, &[]);
+    state.record_issued_audited(&records, events)?;
     Ok(SignX509Response { results })
 }
 
@@ -118,14 +119,13 @@ pub fn mint_jwt(
         key_id,
         exp,
     )];
-    state.record_issued(&records)?;
-    super::audit::issued(
-        ctx,
+    let events = super::audit::issued(
         agent,
         "jwt.issue",
         &records,
         &[("audience", req.audience.clone().into())],
-    )?;
+    );
+    state.record_issued_audited(&records, events)?;
     tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
     Ok(MintJwtResponse {
         token,

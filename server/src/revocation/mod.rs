@@ -204,6 +204,23 @@ impl ServerState {
         Ok(self.store.put_issued(records)?)
     }
 
+    /// Records issued credentials and the audit events of their issuance
+    /// with one durable write: the records are written first, then the
+    /// audit append's flush (which starts after they are written) makes
+    /// both durable. `Ok` means both are durable. Blocking.
+    pub fn record_issued_audited(
+        &self,
+        records: &[IssuedRecord],
+        events: Vec<crate::audit::AuditEvent>,
+    ) -> ServiceResult<()> {
+        if events.is_empty() {
+            // No audit append, so no flush to share.
+            return self.record_issued(records);
+        }
+        self.store.put_issued_pending(records)?;
+        self.audit_all(events)
+    }
+
     /// Revokes the candidates not yet revoked (and not expired): durably,
     /// then in memory, then re-signs the CRLs when a serial was added, and
     /// tells `Sync` streams. Returns the newly revoked. Blocking.

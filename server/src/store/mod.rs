@@ -6,6 +6,7 @@
 //! Every write returns only once it is durable (flushed), so that an
 //! acknowledged change survives a crash.
 
+mod group_flush;
 pub mod sled_store;
 
 use mayfly::SpiffeId;
@@ -142,6 +143,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records issued credentials, all durable with one flush.
     fn put_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError>;
+    /// Writes issued credentials without waiting for a flush: they become
+    /// durable with this store's next durable write that starts after this
+    /// returns (every kind of record shares one log). A caller must make
+    /// one (the audit append recording the issuance) before relying on
+    /// them. By default, [`Store::put_issued`].
+    fn put_issued_pending(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
+        self.put_issued(records)
+    }
     /// One issued credential.
     fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError>;
     /// Every issued credential not yet pruned.

@@ -1,7 +1,9 @@
 //! The embedded sled backend: one tree per record kind, JSON values, a
-//! flush after every write.
+//! flush after every write (shared by concurrent writers: see
+//! [`super::group_flush`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use mayfly::entry::{Entry, EntryId};
 use serde::Serialize;
@@ -12,6 +14,7 @@ use mayfly::revocation::{CredentialId, Revocation};
 
 use crate::audit::record::{AuditHead, AuditRecord};
 
+use super::group_flush::GroupFlush;
 use super::{IssuedRecord, JoinTokenRecord, NodeRecord, Store, StoreError};
 
 /// sled-backed [`Store`].
@@ -25,6 +28,7 @@ pub struct SledStore {
     issued: sled::Tree,
     revocations: sled::Tree,
     audit: sled::Tree,
+    flush: Arc<GroupFlush>,
 }
 
 /// The meta key holding the audit head (JSON [`AuditHead`]).
@@ -65,6 +69,7 @@ impl SledStore {
             issued: db.open_tree("issued").map_err(backend)?,
             revocations: db.open_tree("revocations").map_err(backend)?,
             audit: db.open_tree("audit").map_err(backend)?,
+            flush: Arc::new(GroupFlush::default()),
             db,
         })
     }
@@ -76,9 +81,10 @@ impl SledStore {
         &self.audit
     }
 
+    /// Makes every write applied so far durable before returning.
     fn durable(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(backend)?;
-        Ok(())
+        self.flush
+            .durable(|| self.db.flush().map(drop).map_err(backend))
     }
 
     fn all<T: DeserializeOwned>(
@@ -181,6 +187,16 @@ impl Store for SledStore {
         }
         self.issued.apply_batch(batch).map_err(backend)?;
         self.durable()
+    }
+
+    fn put_issued_pending(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in records {
+            batch.insert(r.id.key().as_bytes(), encode(r)?);
+        }
+        // `Db::flush` writes every tree's pending updates: the next
+        // `durable()` of this store covers this batch.
+        self.issued.apply_batch(batch).map_err(backend)
     }
 
     fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {

@@ -1,0 +1,287 @@
+//! The real `mayfly-server` (and, for later scenarios, `mayfly-agent`)
+//! binaries as child processes: each in its own temporary directory, on
+//! loopback, with free ports and the rate limiter switched off.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+/// The trust domain of every benchmark server.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// How long a process may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary (`mayfly-server`, `mayfly-agent`), looked up
+/// next to this executable: `target/release/` for a release bench,
+/// `target/debug/` for a debug one (as in CI).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the benchmark's own executable")?;
+    let dir = exe
+        .parent()
+        .context("the benchmark executable has no parent directory")?;
+    // `cargo run` puts the binary in target/<profile>/; a test binary lives
+    // one level deeper, in target/<profile>/deps/.
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let profile = if cfg!(debug_assertions) {
+        ""
+    } else {
+        "--release "
+    };
+    bail!(
+        "{name} not found in {}: build them with cargo build {profile}-p mayfly-server -p mayfly-agent",
+        dir.display()
+    )
+}
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The peak resident set size (`VmHWM`, kB) of a live process.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A child process with its output in a log file; stopped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self {
+            name,
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its peak RSS so far, kB.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        peak_rss_kb(self.pid())
+    }
+
+    /// Fails with the end of its log if it has exited.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "{} exited early ({status}); the end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; reaps.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `mayfly-server` on loopback, in its own temporary directory.
+#[derive(Debug)]
+pub struct Server {
+    proc: Proc,
+    bin: PathBuf,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
+    /// The node API (gRPC over mutual TLS).
+    pub node_addr: SocketAddr,
+    _tmp: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server with the rate limiter off (`0` = unlimited: the
+    /// limiter would otherwise cap the benchmark at 500 signings per second)
+    /// and otherwise the defaults (log level `info`, audit file on), and
+    /// waits until its admin socket answers.
+    pub fn start() -> Result<Self> {
+        let bin = binary("mayfly-server")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-bench-server")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let admin_socket = dir.join("admin.sock");
+        let node_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n\
+                 bind_address = \"{node_addr}\"\nhttp_address = \"127.0.0.1:0\"\n\
+                 admin_socket_path = \"{}\"\n\n\
+                 [server.rate_limits]\nattestations_per_minute = 0\n\
+                 signings_per_second = 0\nsigning_burst = 0\n",
+                dir.join("data").display(),
+                admin_socket.display(),
+            ),
+        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run").arg("--config").arg(&config);
+        let mut proc = Proc::spawn("mayfly-server", cmd, dir.join("server.log"))?;
+        wait_for("the server's admin socket", READY_TIMEOUT, || {
+            if let Err(e) = proc.check_running() {
+                return Some(Err(e));
+            }
+            let ok = admin_socket.exists()
+                && Command::new(&bin)
+                    .args(["healthcheck", "--socket-path"])
+                    .arg(&admin_socket)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+            ok.then_some(Ok(()))
+        })??;
+        Ok(Self {
+            proc,
+            bin,
+            admin_socket,
+            node_addr,
+            _tmp: tmp,
+        })
+    }
+
+    /// Runs `mayfly-server <args> --socket-path <admin> --output json`.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--socket-path")
+            .arg(&self.admin_socket)
+            .args(["--output", "json"])
+            .output()
+            .context("running the mayfly-server CLI")?;
+        if !out.status.success() {
+            bail!(
+                "mayfly-server {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow!(
+                "mayfly-server {args:?} printed non-JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// A new join token and the agent SPIFFE ID it gives.
+    pub fn join_token(&self) -> Result<(String, String)> {
+        let v = self.cli_json(&["token", "generate"])?;
+        let token = v["token"].as_str().context("no token in the answer")?;
+        let id = v["id"].as_str().context("no token id in the answer")?;
+        Ok((
+            token.to_owned(),
+            format!("spiffe://{TRUST_DOMAIN}/mayfly/agent/join_token/{id}"),
+        ))
+    }
+
+    /// Registers an entry for `spiffe_id` under `parent_id`; its id.
+    pub fn create_entry(&self, spiffe_id: &str, parent_id: &str, selector: &str) -> Result<String> {
+        let v = self.cli_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent_id,
+            "--selector",
+            selector,
+        ])?;
+        let id = v["id"]
+            .as_str()
+            .or_else(|| v["entry"]["id"].as_str())
+            .or_else(|| v["results"][0]["entry"]["id"].as_str())
+            .with_context(|| format!("no entry id in {v}"))?;
+        Ok(id.to_owned())
+    }
+
+    /// Its peak RSS so far, kB.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        self.proc.peak_rss_kb()
+    }
+
+    /// Fails if the server has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        self.proc.check_running()
+    }
+
+    /// Stops it; its peak RSS read just before.
+    pub fn stop(mut self) -> Option<u64> {
+        let rss = self.peak_rss_kb();
+        self.proc.stop();
+        rss
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.proc.log
+    }
+}
