@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use mayfly::clock::ManualClock;
 use mayfly::entry::{EntryId, EntrySpec};
 use mayfly::proto::node::node_client::NodeClient;
@@ -24,52 +23,13 @@ use mayfly_server::policy::PolicySources;
 use mayfly_server::run::{RunningServer, start};
 use mayfly_server::state::ServerState;
 use mayfly_server::store::sled_store::SledStore;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use time::OffsetDateTime;
-use tokio::net::TcpStream;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The server's identity is not what these tests are about (`node_api.rs`
-/// checks it); accept its certificate.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 struct Agent {
     id: String,
@@ -127,37 +87,11 @@ impl TestServer {
     }
 
     async fn client(&self, identity: Option<&Agent>) -> NodeClient<Channel> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-        let mut config = match identity {
-            Some(a) => builder
-                .with_client_auth_cert(
-                    vec![CertificateDer::from(a.cert.clone())],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(a.key.key_pkcs8.to_vec())),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let addr = self.server.node_addr();
-        let channel = Endpoint::from_static("http://mayfly-server")
-            .connect_with_connector(tower::service_fn(move |_uri| {
-                let connector = connector.clone();
-                async move {
-                    let tcp = TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from("mayfly-server").unwrap();
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .unwrap();
-        NodeClient::new(channel)
+        support::node_client(
+            self.server.node_addr(),
+            identity.map(|a| (a.cert.clone(), a.key.key_pkcs8.to_vec())),
+        )
+        .await
     }
 
     async fn attest(&self) -> Agent {
