@@ -98,6 +98,7 @@ macro_rules! handshake_signatures_via_provider {
         }
     };
 }
+pub(crate) use handshake_signatures_via_provider;
 
 /// The crypto provider used for the node API (aws-lc-rs, the project's one
 /// crypto backend), independent of any process-wide default.
