@@ -3,13 +3,13 @@
 //! the issued-credential and audit records), one audience. One connection
 //! per concurrent client, one request in flight on each.
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 use mayfly::proto::node::MintJwtRequest;
 use mayfly::proto::node::node_client::NodeClient;
 use tonic::transport::Channel;
 
 use crate::crypto::Ceiling;
-use crate::harness::{Latency, Row, Server, Worker, closed_loop};
+use crate::harness::{Row, Server, Worker, measure_variant};
 use crate::scenario::{Settings, check_jwt, jwt_budget, register};
 
 const AUDIENCE: &str = "bench";
@@ -58,18 +58,14 @@ pub async fn run(settings: &Settings, ceiling: Ceiling) -> Result<Vec<Row>> {
                 check_every: settings.smoke,
             });
         }
-        let mut out = closed_loop(workers, settings.duration)
-            .await
-            .with_context(|| {
-                format!(
-                    "jwt at concurrency {c} (server log: {})",
-                    server.log_path().display()
-                )
-            })?;
-        server.check_running()?;
-        let lat = Latency::from_samples(&mut out.samples);
-        let mut row = Row::new("jwt", "MintJwt, 1 audience", c, out.ops, out.elapsed, lat);
-        row.server_peak_rss_kb = server.peak_rss_kb();
+        let mut row = measure_variant(
+            &mut server,
+            "jwt",
+            "MintJwt, 1 audience",
+            workers,
+            settings.duration,
+        )
+        .await?;
         row.ratio_to_ceiling = Some(row.per_second / ceiling.jwt_per_second);
         jwt_budget(&mut row);
         eprintln!("{}", row.progress());

@@ -17,7 +17,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use crate::crypto::Ceiling;
-use crate::harness::{Latency, Row, Server, TRUST_DOMAIN, Worker, closed_loop};
+use crate::harness::{Row, Server, TRUST_DOMAIN, Worker, measure_variant};
 use crate::scenario::{Csrs, Settings, check_svid};
 
 struct MintWorker {
@@ -96,25 +96,14 @@ pub async fn run(settings: &Settings, csrs: &Arc<Csrs>, ceiling: Ceiling) -> Res
                 check_every: settings.smoke,
             });
         }
-        let mut out = closed_loop(workers, settings.duration)
-            .await
-            .with_context(|| {
-                format!(
-                    "x509-mint-http at concurrency {c} (server log: {})",
-                    server.log_path().display()
-                )
-            })?;
-        server.check_running()?;
-        let lat = Latency::from_samples(&mut out.samples);
-        let mut row = Row::new(
+        let mut row = measure_variant(
+            &mut server,
             "x509-mint-http",
             "POST /v1/x509/mint, CSR",
-            c,
-            out.ops,
-            out.elapsed,
-            lat,
-        );
-        row.server_peak_rss_kb = server.peak_rss_kb();
+            workers,
+            settings.duration,
+        )
+        .await?;
         row.ratio_to_ceiling = Some(row.per_second / ceiling.x509_per_second);
         eprintln!("{}", row.progress());
         rows.push(row);

@@ -13,7 +13,7 @@ use mayfly::proto::node::{SignX509Request, X509SignItem};
 use tonic::transport::Channel;
 
 use crate::crypto::Ceiling;
-use crate::harness::{Latency, Row, Server, Worker, closed_loop};
+use crate::harness::{Row, Server, Worker, measure_variant};
 use crate::scenario::{Csrs, Settings, check_svid, register, x509_budget};
 
 struct SignWorker {
@@ -69,18 +69,14 @@ pub async fn run(settings: &Settings, csrs: &Arc<Csrs>, ceiling: Ceiling) -> Res
                 check_every: settings.smoke,
             });
         }
-        let mut out = closed_loop(workers, settings.duration)
-            .await
-            .with_context(|| {
-                format!(
-                    "x509 at concurrency {c} (server log: {})",
-                    server.log_path().display()
-                )
-            })?;
-        server.check_running()?;
-        let lat = Latency::from_samples(&mut out.samples);
-        let mut row = Row::new("x509", "SignX509, 1 item", c, out.ops, out.elapsed, lat);
-        row.server_peak_rss_kb = server.peak_rss_kb();
+        let mut row = measure_variant(
+            &mut server,
+            "x509",
+            "SignX509, 1 item",
+            workers,
+            settings.duration,
+        )
+        .await?;
         row.ratio_to_ceiling = Some(row.per_second / ceiling.x509_per_second);
         x509_budget(&mut row);
         eprintln!("{}", row.progress());

@@ -66,6 +66,30 @@ pub async fn closed_loop<W: Worker>(workers: Vec<W>, duration: Duration) -> Resu
     })
 }
 
+/// One variant against a running server: runs `workers` for `duration`,
+/// checks the server is still up, and makes the row (latency, throughput,
+/// the server's peak RSS). The error names the variant and the server log.
+pub async fn measure_variant<W: Worker>(
+    server: &mut super::Server,
+    scenario: &str,
+    variant: &str,
+    workers: Vec<W>,
+    duration: Duration,
+) -> Result<super::Row> {
+    let c = workers.len();
+    let mut out = closed_loop(workers, duration).await.with_context(|| {
+        format!(
+            "{scenario} at concurrency {c} (server log: {})",
+            server.log_path().display()
+        )
+    })?;
+    server.check_running()?;
+    let lat = super::Latency::from_samples(&mut out.samples);
+    let mut row = super::Row::new(scenario, variant, c, out.ops, out.elapsed, lat);
+    row.server_peak_rss_kb = server.peak_rss_kb();
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

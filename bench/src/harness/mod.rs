@@ -7,7 +7,7 @@ pub mod procs;
 pub mod report;
 pub mod stats;
 
-pub use load::{Worker, closed_loop};
+pub use load::{Worker, measure_variant};
 pub use procs::{Server, TRUST_DOMAIN};
 pub use report::{Report, Row};
 pub use stats::Latency;
