@@ -38,6 +38,8 @@ use mayfly_agent::config::AgentConfig;
 use mayfly_server::config::ServerConfig;
 use tokio::sync::{Notify, watch};
 
+use crate::harness::stats::quantile;
+
 mod crypto;
 mod harness;
 mod jwt;
@@ -396,20 +398,6 @@ async fn deploy() -> Result<Deployment> {
         stop,
         _tmp: tmp,
     })
-}
-
-/// The value at quantile `q` (nearest rank) of sorted `v`.
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 fn ms(d: Duration) -> f64 {
