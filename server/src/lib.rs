@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audit;
 pub mod authority;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod error;
 pub mod k8s;

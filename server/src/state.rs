@@ -15,12 +15,14 @@ use mayfly::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
+use crate::commit::{Committer, Sinks};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::policy::{PolicyRequest, PolicyStore};
 use crate::revocation::Revocations;
+use crate::store::IssuedRecord;
 use crate::store::{NodeRecord, Store};
 
 /// The store's meta key of the trust bundle (SPIFFE JSON).
@@ -104,7 +106,9 @@ pub struct ServerState {
     /// Revoked credentials and the current CRLs.
     pub(crate) revocations: Revocations,
     /// The hash-chained audit log (record with [`ServerState::audit`]).
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
+    /// Commits issuance records for async callers (see [`crate::commit`]).
+    committer: Committer,
     /// The policy in force (built-in set until `run` configures files).
     pub policy: PolicyStore,
 }
@@ -128,7 +132,15 @@ impl ServerState {
         let server_id = mayfly::id::server_id(&config.trust_domain);
         let (events, _) = broadcast::channel(4096);
         let revocations = Revocations::load(store.as_ref(), clock.now())?;
-        let audit = AuditLog::open(Arc::clone(&store), config.audit_log_file().as_deref())?;
+        let audit = Arc::new(AuditLog::open(
+            Arc::clone(&store),
+            config.audit_log_file().as_deref(),
+        )?);
+        let committer = Committer::start(Sinks {
+            store: Arc::clone(&store),
+            audit: Arc::clone(&audit),
+            clock: Arc::clone(&clock),
+        })?;
         let state = Self {
             config,
             server_id,
@@ -143,6 +155,7 @@ impl ServerState {
             publish: Mutex::new(()),
             revocations,
             audit,
+            committer,
             policy: PolicyStore::builtin()
                 .map_err(|e| ServiceError::Internal(format!("built-in policy: {e}")))?,
         };
@@ -210,6 +223,17 @@ impl ServerState {
             ),
             reasons: d.reasons,
         })
+    }
+
+    /// Records issued credentials and the audit events of their issuance
+    /// durably, batched with concurrent callers (see [`crate::commit`]):
+    /// the async form of [`Self::record_issued_audited`].
+    pub async fn commit_issued(
+        &self,
+        records: Vec<IssuedRecord>,
+        events: Vec<AuditEvent>,
+    ) -> ServiceResult<()> {
+        self.committer.commit(records, events).await
     }
 
     /// The current time from the injected clock.

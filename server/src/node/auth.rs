@@ -287,9 +287,12 @@ pub fn untrusted_issuer() -> ServiceError {
     )
 }
 
-/// Checks the client SVID against the stored node. Blocking (it may write
-/// the node when a renewed SVID is first used).
-pub fn authenticate(ctx: &NodeCtx, svid: &SvidInfo) -> ServiceResult<Agent> {
+/// Checks the client SVID against the stored node without writing:
+/// `Some` for the node's current SVID, `None` for its renewed SVID (whose
+/// first use [`authenticate`] records). It reads the node record (a small,
+/// hot tree, served from the store's cache), so that async handlers can
+/// call it in place.
+pub fn authenticate_current(ctx: &NodeCtx, svid: &SvidInfo) -> ServiceResult<Option<Agent>> {
     let state = &ctx.state;
     let id = &svid.spiffe_id;
     if !id.is_member_of(state.trust_domain()) || !mayfly::id::is_agent_id(id) {
@@ -310,11 +313,22 @@ pub fn authenticate(ctx: &NodeCtx, svid: &SvidInfo) -> ServiceResult<Agent> {
         .ok_or_else(|| ServiceError::Unauthenticated(NOT_ATTESTED.into()))?;
     check_usable(&node)?;
     if node.current_serial == svid.serial_hex {
-        return Ok(Agent::from_node(node));
+        return Ok(Some(Agent::from_node(node)));
     }
     if node.next_serial.as_deref() != Some(svid.serial_hex.as_str()) {
         return Err(ServiceError::Unauthenticated(SUPERSEDED.into()));
     }
+    Ok(None)
+}
+
+/// Checks the client SVID against the stored node. Blocking (it writes the
+/// node when a renewed SVID is first used).
+pub fn authenticate(ctx: &NodeCtx, svid: &SvidInfo) -> ServiceResult<Agent> {
+    if let Some(agent) = authenticate_current(ctx, svid)? {
+        return Ok(agent);
+    }
+    let id = &svid.spiffe_id;
+    let key = id.to_string();
     // First use of a renewed SVID: it becomes current and the old one stops
     // working.
     let node = ctx.update_node(&key, |n| {

@@ -133,6 +133,10 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// `SignX509` calls with at most this many items are signed on the async
+/// thread that received them; larger ones on the blocking pool.
+const INLINE_SIGN_ITEMS: usize = 4;
+
 /// The `mayfly.node.v1.Node` service.
 #[derive(Debug, Clone)]
 pub struct NodeService {
@@ -146,6 +150,26 @@ impl NodeService {
     }
 
     /// Authenticates the calling agent and records it on the current span.
+    /// Audits a refused issuance (a durable write, on the blocking pool)
+    /// and turns the error into the call's status.
+    async fn refused(
+        &self,
+        agent: &Agent,
+        action: &'static str,
+        target: Option<String>,
+        e: ServiceError,
+    ) -> Status {
+        let ctx = Arc::clone(&self.ctx);
+        let actor = audit::agent_actor(&agent.spiffe_id);
+        blocking(move || {
+            audit::refused(&ctx, actor, action, target, &e);
+            Ok(e)
+        })
+        .await
+        .unwrap_or_else(|join| join)
+        .into()
+    }
+
     async fn agent<T>(&self, req: &Request<T>, action: &'static str) -> Result<Agent, Status> {
         self.agent_and_issuer(req, action)
             .await
@@ -169,10 +193,17 @@ impl NodeService {
             let actor = audit::agent_actor(&svid.spiffe_id);
             let issuer = auth::check_issuer(&self.ctx, certs.as_deref().map(Vec::as_slice))
                 .map_err(|e| (actor.clone(), e))?;
-            let ctx = Arc::clone(&self.ctx);
-            let agent = blocking(move || auth::authenticate(&ctx, &svid))
-                .await
-                .map_err(|e| (actor, e))?;
+            let agent = match auth::authenticate_current(&self.ctx, &svid) {
+                Ok(Some(agent)) => agent,
+                Ok(None) => {
+                    // The first call with a renewed SVID records it.
+                    let ctx = Arc::clone(&self.ctx);
+                    blocking(move || auth::authenticate(&ctx, &svid))
+                        .await
+                        .map_err(|e| (actor, e))?
+                }
+                Err(e) => return Err((actor, e)),
+            };
             Ok((agent, issuer))
         }
         .await;
@@ -327,30 +358,35 @@ impl Node for NodeService {
         async {
             let agent = self.agent(&request, "x509.issue").await?;
             let req = request.into_inner();
-            let ctx = Arc::clone(&self.ctx);
-            // The issued-credential and audit records are durable writes
-            // (group-committed) that wait for a flush: on the blocking pool,
-            // so that the async threads keep serving other calls and
-            // concurrent calls share flushes.
-            let span = tracing::Span::current();
-            let resp = blocking(move || {
-                let _span = span.enter();
-                sign::sign_x509(&ctx, &agent, &req).inspect_err(|e| {
+            // A few items are signed here (tens of microseconds each); a
+            // large batch goes to the blocking pool so that it does not hold
+            // an async thread.
+            let signed = if req.items.len() <= INLINE_SIGN_ITEMS {
+                sign::sign_x509(&self.ctx, &agent, &req)
+            } else {
+                let (ctx, agent, req) = (Arc::clone(&self.ctx), agent.clone(), req.clone());
+                let span = tracing::Span::current();
+                blocking(move || {
+                    let _span = span.enter();
+                    sign::sign_x509(&ctx, &agent, &req)
+                })
+                .await
+            };
+            let signed = match signed {
+                Ok(signed) => signed,
+                Err(e) => {
                     tracing::info!(reason = %e, "refused SignX509");
                     let entries: Vec<&str> =
                         req.items.iter().map(|i| i.entry_id.as_str()).collect();
-                    audit::refused(
-                        &ctx,
-                        audit::agent_actor(&agent.spiffe_id),
-                        "x509.issue",
-                        Some(entries.join(",")),
-                        e,
-                    );
-                })
-            })
-            .in_current_span()
-            .await?;
-            Ok(Response::new(resp))
+                    let target = Some(entries.join(","));
+                    return Err(self.refused(&agent, "x509.issue", target, e).await);
+                }
+            };
+            self.ctx
+                .state
+                .commit_issued(signed.records, signed.events)
+                .await?;
+            Ok(Response::new(signed.response))
         }
         .instrument(span)
         .await
@@ -403,25 +439,20 @@ impl Node for NodeService {
             let agent = self.agent(&request, "jwt.issue").await?;
             let req = request.into_inner();
             tracing::Span::current().record("entry", req.entry_id.as_str());
-            let ctx = Arc::clone(&self.ctx);
-            // Durable writes that wait for a flush: see `sign_x509`.
-            let span = tracing::Span::current();
-            let resp = blocking(move || {
-                let _span = span.enter();
-                sign::mint_jwt(&ctx, &agent, &req).inspect_err(|e| {
+            // One signature: done here, like a small `SignX509`.
+            let signed = match sign::mint_jwt(&self.ctx, &agent, &req) {
+                Ok(signed) => signed,
+                Err(e) => {
                     tracing::info!(reason = %e, "refused MintJwt");
-                    audit::refused(
-                        &ctx,
-                        audit::agent_actor(&agent.spiffe_id),
-                        "jwt.issue",
-                        Some(req.entry_id.clone()),
-                        e,
-                    );
-                })
-            })
-            .in_current_span()
-            .await?;
-            Ok(Response::new(resp))
+                    let target = Some(req.entry_id.clone());
+                    return Err(self.refused(&agent, "jwt.issue", target, e).await);
+                }
+            };
+            self.ctx
+                .state
+                .commit_issued(signed.records, signed.events)
+                .await?;
+            Ok(Response::new(signed.response))
         }
         .instrument(span)
         .await

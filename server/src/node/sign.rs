@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use super::NodeCtx;
 use super::auth::{Agent, Authorized, IssueAsk};
+use crate::audit::AuditEvent;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::IssuedRecord;
 
@@ -36,15 +37,28 @@ fn issued(
 /// The most items one `SignX509` call may carry.
 pub const MAX_SIGN_ITEMS: usize = 256;
 
+/// An answer that may be sent once its records are durable: the issued
+/// credentials (so that they can be revoked) and the audit records of
+/// their issuance, committed together by the caller.
+#[derive(Debug)]
+pub struct Signed<T> {
+    /// The answer.
+    pub response: T,
+    /// One per credential in the answer.
+    pub records: Vec<IssuedRecord>,
+    /// The audit records of the issuance.
+    pub events: Vec<AuditEvent>,
+}
+
 /// Signs every item or none: the first refused item fails the call,
-/// naming its entry. Every SVID is recorded and audited (one durable write
-/// for the batch and its audit records) before the response, so that it
-/// can be revoked.
+/// naming its entry. No I/O: the caller commits the records (one durable
+/// write for the batch and its audit records) before it answers, so that
+/// every SVID can be revoked.
 pub fn sign_x509(
     ctx: &NodeCtx,
     agent: &Agent,
     req: &SignX509Request,
-) -> ServiceResult<SignX509Response> {
+) -> ServiceResult<Signed<SignX509Response>> {
     if req.items.is_empty() {
         return Err(ServiceError::InvalidArgument("no items to sign".into()));
     }
@@ -80,7 +94,7 @@ pub fn sign_x509(
             authority_id,
             signed.not_after,
         ));
-        tracing::info!(spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex(), not_after = %signed.not_after, "signed X.509-SVID");
+        tracing::debug!(spiffe_id = %entry.spiffe_id, serial = %signed.serial_hex(), not_after = %signed.not_after, "signed X.509-SVID");
         results.push(X509SignResult {
             entry_id: item.entry_id.clone(),
             svid_chain: vec![signed.der],
@@ -89,16 +103,20 @@ pub fn sign_x509(
         });
     }
     let events = super::audit::issued(agent, "x509.issue", &records, &[]);
-    state.record_issued_audited(&records, events)?;
-    Ok(SignX509Response { results })
+    Ok(Signed {
+        response: SignX509Response { results },
+        records,
+        events,
+    })
 }
 
-/// Mints a JWT-SVID for the entry.
+/// Mints a JWT-SVID for the entry. No I/O: the caller commits the record
+/// and its audit record before it answers (see [`sign_x509`]).
 pub fn mint_jwt(
     ctx: &NodeCtx,
     agent: &Agent,
     req: &MintJwtRequest,
-) -> ServiceResult<MintJwtResponse> {
+) -> ServiceResult<Signed<MintJwtResponse>> {
     ctx.limits.check_signing(&agent.spiffe_id.to_string(), 1)?;
     let state = &ctx.state;
     let ask = IssueAsk {
@@ -111,7 +129,7 @@ pub fn mint_jwt(
         state.mint_jwt_svid_by(&entry.spiffe_id, &req.audience, Some(ttl))?;
     let exp = OffsetDateTime::from_unix_timestamp(expires_at)
         .map_err(|e| ServiceError::Internal(format!("token expiry out of range: {e}")))?;
-    let records = [issued(
+    let records = vec![issued(
         CredentialId::Jti(jti.clone()),
         agent,
         &entry,
@@ -125,11 +143,14 @@ pub fn mint_jwt(
         &records,
         &[("audience", req.audience.clone().into())],
     );
-    state.record_issued_audited(&records, events)?;
-    tracing::info!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
-    Ok(MintJwtResponse {
-        token,
-        expires_at,
-        jti,
+    tracing::debug!(spiffe_id = %entry.spiffe_id, task = %req.task_id, jti = %jti, audience = ?req.audience, expires_at, "minted JWT-SVID");
+    Ok(Signed {
+        response: MintJwtResponse {
+            token,
+            expires_at,
+            jti,
+        },
+        records,
+        events,
     })
 }

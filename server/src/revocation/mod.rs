@@ -213,12 +213,13 @@ impl ServerState {
         records: &[IssuedRecord],
         events: Vec<crate::audit::AuditEvent>,
     ) -> ServiceResult<()> {
-        if events.is_empty() {
-            // No audit append, so no flush to share.
-            return self.record_issued(records);
-        }
-        self.store.put_issued_pending(records)?;
-        self.audit_all(events)
+        crate::commit::write(
+            self.store.as_ref(),
+            &self.audit,
+            self.now(),
+            records,
+            events,
+        )
     }
 
     /// Revokes the candidates not yet revoked (and not expired): durably,

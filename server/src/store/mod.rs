@@ -7,6 +7,9 @@
 //! acknowledged change survives a crash.
 
 mod group_flush;
+pub mod journal;
+#[cfg(test)]
+mod journal_tests;
 pub mod sled_store;
 
 use mayfly::SpiffeId;

@@ -1,6 +1,7 @@
 //! The embedded sled backend: one tree per record kind, JSON values, a
 //! flush after every write (shared by concurrent writers: see
-//! [`super::group_flush`]).
+//! [`super::group_flush`]), except for issued-credential and audit records,
+//! which are made durable by the issuance journal ([`super::journal`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use mayfly::revocation::{CredentialId, Revocation};
 use crate::audit::record::{AuditHead, AuditRecord};
 
 use super::group_flush::GroupFlush;
+use super::journal::{Journal, Line, LineRef};
 use super::{IssuedRecord, JoinTokenRecord, NodeRecord, Store, StoreError};
 
 /// sled-backed [`Store`].
@@ -29,6 +31,7 @@ pub struct SledStore {
     revocations: sled::Tree,
     audit: sled::Tree,
     flush: Arc<GroupFlush>,
+    journal: Arc<Journal>,
 }
 
 /// The meta key holding the audit head (JSON [`AuditHead`]).
@@ -56,12 +59,14 @@ fn decode<T: DeserializeOwned>(
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
+    /// Replays the issuance journal left by a crash, if any.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .open()
             .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
-        Ok(Self {
+        let (journal, lines) = Journal::open(dir)?;
+        let store = Self {
             entries: db.open_tree("entries").map_err(backend)?,
             nodes: db.open_tree("nodes").map_err(backend)?,
             tokens: db.open_tree("join_tokens").map_err(backend)?,
@@ -70,8 +75,98 @@ impl SledStore {
             revocations: db.open_tree("revocations").map_err(backend)?,
             audit: db.open_tree("audit").map_err(backend)?,
             flush: Arc::new(GroupFlush::default()),
+            journal: Arc::new(journal),
             db,
-        })
+        };
+        if !lines.is_empty() {
+            store.replay(lines)?;
+        }
+        Ok(store)
+    }
+
+    /// Applies journal lines the store may have lost: issued records it
+    /// does not have, audit records after its head (those up to the head
+    /// were written with it: a record changed or removed since is left as
+    /// it is, for `audit verify` to find). Then empties the journal.
+    fn replay(&self, lines: Vec<Line>) -> Result<(), StoreError> {
+        let head = self.audit_head()?.map_or(0, |h| h.seq);
+        let (mut issued, mut audit) = (0usize, Vec::new());
+        for line in lines {
+            for r in line.issued {
+                let key = r.id.key();
+                if !self.issued.contains_key(key.as_bytes()).map_err(backend)? {
+                    self.issued
+                        .insert(key.as_bytes(), encode(&r)?)
+                        .map_err(backend)?;
+                    issued += 1;
+                }
+            }
+            audit.extend(line.audit.into_iter().filter(|r| r.seq > head));
+        }
+        audit.sort_by_key(|r| r.seq);
+        audit.dedup_by_key(|r| r.seq);
+        let recovered = audit.len();
+        if !audit.is_empty() {
+            self.write_audit(&audit)?;
+        }
+        tracing::info!(issued, audit = recovered, "replayed the issuance journal");
+        self.journal
+            .checkpoint(|| self.db.flush().map(drop).map_err(backend))
+    }
+
+    /// Writes audit records, then the head, to sled (no flush), and
+    /// returns the records' JSON. Plain inserts, not a sled transaction: a
+    /// transaction makes sled write and sync its log at once, which is what
+    /// the journal avoids. sled recovers a prefix of its log after a crash,
+    /// so a recovered head has its records; records after the recovered
+    /// head come back from the journal.
+    fn write_audit(&self, records: &[AuditRecord]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let Some(last) = records.last() else {
+            return Ok(Vec::new());
+        };
+        let head = encode(&last.head())?;
+        let mut values = Vec::with_capacity(records.len());
+        for r in records {
+            let v = encode(r)?;
+            self.audit
+                .insert(r.seq.to_be_bytes(), v.as_slice())
+                .map_err(backend)?;
+            values.push(v);
+        }
+        self.meta
+            .insert(AUDIT_HEAD_KEY, head.as_slice())
+            .map_err(backend)?;
+        Ok(values)
+    }
+
+    /// Writes issued records to sled (no flush; plain inserts, see
+    /// [`Self::write_audit`]) and returns their JSON.
+    fn write_issued(&self, records: &[IssuedRecord]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut values = Vec::with_capacity(records.len());
+        for r in records {
+            let v = encode(r)?;
+            self.issued
+                .insert(r.id.key().as_bytes(), v.as_slice())
+                .map_err(backend)?;
+            values.push(v);
+        }
+        Ok(values)
+    }
+
+    /// Journals `line` (already written to sled) and, with `sync`, waits
+    /// until it is on disk; empties the journal when it has grown large.
+    fn journal(&self, line: &LineRef<'_>, sync: bool) -> Result<(), StoreError> {
+        let size = self.journal.write(line)?;
+        if sync {
+            self.journal.sync()?;
+        }
+        if Journal::wants_checkpoint(size) {
+            self.journal.checkpoint(|| {
+                self.flush
+                    .durable(|| self.db.flush().map(drop).map_err(backend))
+            })?;
+        }
+        Ok(())
     }
 
     /// The raw `audit` tree (keys: big-endian seq; values: JSON records).
@@ -181,22 +276,26 @@ impl Store for SledStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        for r in records {
-            batch.insert(r.id.key().as_bytes(), encode(r)?);
-        }
-        self.issued.apply_batch(batch).map_err(backend)?;
-        self.durable()
+        let issued = self.write_issued(records)?;
+        let line = LineRef {
+            issued: &issued,
+            audit: &[],
+        };
+        self.journal(&line, true)
     }
 
     fn put_issued_pending(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for r in records {
-            batch.insert(r.id.key().as_bytes(), encode(r)?);
+        if records.is_empty() {
+            return Ok(());
         }
-        // `Db::flush` writes every tree's pending updates: the next
-        // `durable()` of this store covers this batch.
-        self.issued.apply_batch(batch).map_err(backend)
+        let issued = self.write_issued(records)?;
+        // The next synced journal line (the audit append that records the
+        // issuance) makes this one durable too: lines are synced in order.
+        let line = LineRef {
+            issued: &issued,
+            audit: &[],
+        };
+        self.journal(&line, false)
     }
 
     fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
@@ -254,27 +353,15 @@ impl Store for SledStore {
     }
 
     fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        let Some(last) = records.last() else {
+        if records.is_empty() {
             return Ok(());
+        }
+        let audit = self.write_audit(records)?;
+        let line = LineRef {
+            issued: &[],
+            audit: &audit,
         };
-        let head = encode(&last.head())?;
-        let values = records
-            .iter()
-            .map(|r| Ok((r.seq.to_be_bytes(), encode(r)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        use sled::Transactional as _;
-        (&self.audit, &self.meta)
-            .transaction(|(audit, meta)| {
-                for (k, v) in &values {
-                    audit.insert(&k[..], v.as_slice())?;
-                }
-                meta.insert(AUDIT_HEAD_KEY, head.as_slice())?;
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Backend(format!("audit append: {e:?}"))
-            })?;
-        self.durable()
+        self.journal(&line, true)
     }
 
     fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
