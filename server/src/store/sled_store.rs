@@ -108,6 +108,15 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn put_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(e.id.as_str(), encode(e)?);
+        }
+        self.entries.apply_batch(batch).map_err(backend)?;
+        self.durable()
+    }
+
     fn delete_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
         let old = self.entries.remove(id.as_str()).map_err(backend)?;
         self.durable()?;
