@@ -7,6 +7,7 @@ pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod feed;
 pub mod import;
 pub mod k8s;
 pub mod logging;
