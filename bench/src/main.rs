@@ -47,6 +47,7 @@ mod mint_http;
 mod node_client;
 mod policy;
 mod scenario;
+mod sync_scale;
 mod x509;
 
 /// The budget for the p99.
@@ -61,7 +62,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Every scenario: crypto, x509, x509-mint-http, jwt, policy, revocation.
+    /// Every scenario: crypto, sync-scale, x509, x509-mint-http, jwt, policy, revocation.
     All(scenario::SuiteArgs),
     /// Scenario 6: the crypto ceiling (CSR parse + verify + sign, JWT sign), no server.
     Crypto(scenario::SuiteArgs),
@@ -75,6 +76,8 @@ enum Cmd {
     Revocation(RevocationArgs),
     /// The cost of one policy decision on the issuance path.
     Policy(policy::PolicyArgs),
+    /// Scenario 4: 1,000,000 entries, 10,000 agents holding Sync streams.
+    SyncScale(sync_scale::SyncScaleArgs),
     /// (internal) a workload: fetch one X.509-SVID, print its serial, exit.
     #[command(hide = true)]
     Child {
@@ -115,6 +118,7 @@ fn main() -> Result<()> {
             .build()?
             .block_on(child(&socket)),
         Cmd::Policy(args) => policy::run(args),
+        Cmd::SyncScale(args) => sync_scale::main(&args),
         Cmd::Revocation(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
@@ -165,6 +169,12 @@ fn suite(which: &[Suite], args: &scenario::SuiteArgs) -> Result<()> {
             Suite::X509MintHttp => rt.block_on(mint_http::run(&settings, &csrs, ceiling))?,
             Suite::Jwt => rt.block_on(jwt::run(&settings, ceiling))?,
         };
+        report.rows.extend(rows);
+    }
+    if which == Suite::ALL {
+        let (rows, _) = rt.block_on(sync_scale::run(&sync_scale::SyncScaleArgs::for_suite(
+            settings.smoke,
+        )))?;
         report.rows.extend(rows);
     }
     drop(rt);

@@ -81,6 +81,33 @@ pub async fn connect(
     addr: SocketAddr,
     identity: Option<&AgentIdentity>,
 ) -> Result<NodeClient<Channel>> {
+    connect_on(
+        Endpoint::from_static("http://mayfly-server"),
+        addr,
+        identity,
+    )
+    .await
+}
+
+/// [`connect`] with the HTTP/2 keep-alive of the real agent's server
+/// client (a PING every 20 s, also while idle), for clients that stand in
+/// for agents holding a `Sync` stream open.
+pub async fn connect_as_agent(
+    addr: SocketAddr,
+    identity: &AgentIdentity,
+) -> Result<NodeClient<Channel>> {
+    let endpoint = Endpoint::from_static("http://mayfly-server")
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    connect_on(endpoint, addr, Some(identity)).await
+}
+
+async fn connect_on(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    identity: Option<&AgentIdentity>,
+) -> Result<NodeClient<Channel>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?
@@ -95,7 +122,7 @@ pub async fn connect(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let channel = Endpoint::from_static("http://mayfly-server")
+    let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
             async move {

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod error;
+pub mod feed;
+pub mod import;
 pub mod k8s;
 pub mod logging;
 pub mod node;

@@ -234,6 +234,20 @@ pub async fn start(
     })
 }
 
+/// Raises the soft limit on open files to the hard limit: every agent
+/// holds a connection (and its `Sync` stream) open, so the usual soft limit
+/// of 1024 would cap a server at about a thousand agents. Returns the
+/// limit in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+        return Ok(hard);
+    }
+    Ok(soft)
+}
+
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let terminate = async {
@@ -398,7 +412,7 @@ async fn prune_revocations(state: Arc<ServerState>, mut stop: watch::Receiver<bo
 }
 
 /// Creates `dir` (and parents) owner-only, or tightens an existing one.
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

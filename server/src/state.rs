@@ -20,6 +20,7 @@ use crate::authority::{AuthorityInfo, AuthorityManager, Kind};
 use crate::commit::{Committer, Sinks};
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
+use crate::feed::{ChangeFeed, Watch};
 use crate::policy::{PolicyRequest, PolicyStore};
 use crate::revocation::Revocations;
 use crate::store::IssuedRecord;
@@ -63,6 +64,8 @@ pub enum ChangeEvent {
         revision: u64,
         /// Affected entry ids.
         ids: Vec<EntryId>,
+        /// Their parents (SPIFFE IDs) before and after the change.
+        parents: Vec<String>,
     },
     /// A node changed (banned, evicted, re-attested).
     Node {
@@ -98,7 +101,7 @@ pub struct ServerState {
     // Serialises read-modify-write of node records (node API and admin API
     // alike), so that a ban can never be overwritten by a concurrent renewal.
     node_writes: Mutex<()>,
-    events: broadcast::Sender<ChangeEvent>,
+    feed: Arc<ChangeFeed>,
     revision: AtomicU64,
     // Serialises bundle publication, so that the store and bundle.pem
     // always end with the latest bundle.
@@ -130,7 +133,7 @@ impl ServerState {
         let bundle_sequence = Self::persist_bundle(store.as_ref(), &authorities)?;
         authorities.set_sequence(bundle_sequence);
         let server_id = mayfly::id::server_id(&config.trust_domain);
-        let (events, _) = broadcast::channel(4096);
+        let feed = Arc::new(ChangeFeed::new(server_id.to_string()));
         let revocations = Revocations::load(store.as_ref(), clock.now())?;
         let audit = Arc::new(AuditLog::open(
             Arc::clone(&store),
@@ -150,7 +153,7 @@ impl ServerState {
             index: RwLock::new(index),
             write_lock: Mutex::new(()),
             node_writes: Mutex::new(()),
-            events,
+            feed,
             revision: AtomicU64::new(revision),
             publish: Mutex::new(()),
             revocations,
@@ -286,7 +289,7 @@ impl ServerState {
         if let Err(e) = self.resign_crls() {
             tracing::error!(error = %e, "cannot sign the CRLs after an authority change");
         }
-        let _ = self.events.send(ChangeEvent::Bundle);
+        self.feed.publish(ChangeEvent::Bundle);
         tracing::info!(
             sequence = bundle.sequence,
             x509_authorities = bundle.x509_authorities.len(),
@@ -346,10 +349,16 @@ impl ServerState {
         Ok(r.next_check)
     }
 
-    /// Follows changes. A receiver that lags behind gets
+    /// Follows every change. A receiver that lags behind gets
     /// `RecvError::Lagged` and must resend a full snapshot.
     pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
-        self.events.subscribe()
+        self.feed.subscribe()
+    }
+
+    /// Follows the changes that concern an agent whose authorized set hangs
+    /// from `keys` (see [`crate::feed`]).
+    pub fn watch(&self, keys: Vec<String>) -> (Watch, broadcast::Receiver<ChangeEvent>) {
+        self.feed.watch(keys)
     }
 
     /// Reads the entry index.
@@ -366,14 +375,20 @@ impl ServerState {
         let revision = self.revision.load(Ordering::SeqCst) + 1;
         entry.revision = revision;
         self.store.put_entry(&entry)?;
-        self.index
+        let previous = self
+            .index
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .upsert(entry.clone());
         self.revision.store(revision, Ordering::SeqCst);
-        let _ = self.events.send(ChangeEvent::Entries {
+        let mut parents = vec![entry.parent_id.to_string()];
+        if let Some(p) = previous.filter(|p| p.parent_id != entry.parent_id) {
+            parents.push(p.parent_id.to_string());
+        }
+        self.feed.publish(ChangeEvent::Entries {
             revision,
             ids: vec![entry.id.clone()],
+            parents,
         });
         Ok(entry)
     }
@@ -391,9 +406,10 @@ impl ServerState {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         let revision = self.revision.fetch_add(1, Ordering::SeqCst) + 1;
-        let _ = self.events.send(ChangeEvent::Entries {
+        self.feed.publish(ChangeEvent::Entries {
             revision,
             ids: vec![id.clone()],
+            parents: vec![removed.parent_id.to_string()],
         });
         Ok(removed)
     }
@@ -429,12 +445,12 @@ impl ServerState {
 
     /// Tells subscribers of a change.
     pub(crate) fn send_event(&self, event: ChangeEvent) {
-        let _ = self.events.send(event);
+        self.feed.publish(event);
     }
 
     /// Tells subscribers that a node changed (ban, evict, re-attestation).
     pub fn notify_node(&self, spiffe_id: &str) {
-        let _ = self.events.send(ChangeEvent::Node {
+        self.feed.publish(ChangeEvent::Node {
             spiffe_id: spiffe_id.to_owned(),
         });
     }

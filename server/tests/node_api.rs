@@ -634,6 +634,81 @@ async fn aliases_tokens_and_server_identity() {
         .unwrap();
 }
 
+/// Whether `stream` sends nothing for 300 ms.
+async fn quiet(stream: &mut Streaming<SyncResponse>) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), stream.message())
+        .await
+        .is_err()
+}
+
+/// Streams wake only for changes under their agent or its aliases (the
+/// change feed's targeting): each agent gets its own changes live, a move
+/// between parents reaches both sides, and another agent's change sends
+/// nothing.
+#[tokio::test]
+async fn live_changes_reach_exactly_the_agents_they_concern() {
+    let t = TestServer::start().await;
+    let (mut anon, _) = t.client(None).await;
+    let alias_a = "spiffe://example.org/node/a";
+    let alias_b = "spiffe://example.org/node/b";
+    let a = attest(&mut anon, &t.create_token(Some(alias_a)).await)
+        .await
+        .unwrap();
+    let b = attest(&mut anon, &t.create_token(Some(alias_b)).await)
+        .await
+        .unwrap();
+    let (mut client_a, _) = t.client(Some(&a)).await;
+    let (mut client_b, _) = t.client(Some(&b)).await;
+    let mut sync_a = client_a.sync(SyncRequest {}).await.unwrap().into_inner();
+    let mut sync_b = client_b.sync(SyncRequest {}).await.unwrap().into_inner();
+    assert!(
+        next(&mut sync_a)
+            .await
+            .unwrap()
+            .unwrap()
+            .upserted
+            .is_empty()
+    );
+    assert!(
+        next(&mut sync_b)
+            .await
+            .unwrap()
+            .unwrap()
+            .upserted
+            .is_empty()
+    );
+
+    // Under A's alias and under A itself: A only.
+    let e1 = t.add_entry("spiffe://example.org/w1", alias_a).await;
+    let d = next(&mut sync_a).await.unwrap().unwrap();
+    assert!(!d.full);
+    assert_eq!(d.upserted.len(), 1);
+    assert_eq!(d.upserted[0].id, e1);
+    let e2 = t.add_entry("spiffe://example.org/w2", &a.spiffe_id).await;
+    let d = next(&mut sync_a).await.unwrap().unwrap();
+    assert_eq!(d.upserted[0].id, e2);
+    assert!(quiet(&mut sync_b).await, "B was sent A's changes");
+
+    // Moved from A's alias to B's: removed at A, added at B.
+    let state = Arc::clone(t.state());
+    let moved = tokio::task::spawn_blocking(move || {
+        let mut e = state.get_entry(&e1.parse().unwrap()).unwrap();
+        e.parent_id = mayfly::SpiffeId::new(alias_b).unwrap();
+        state.upsert_entry(e).unwrap()
+    })
+    .await
+    .unwrap();
+    let d = next(&mut sync_a).await.unwrap().unwrap();
+    assert_eq!(d.removed_entry_ids, [moved.id.to_string()]);
+    let d = next(&mut sync_b).await.unwrap().unwrap();
+    assert_eq!(d.upserted[0].id, moved.id.to_string());
+
+    // Someone else's entry: nobody hears of it.
+    t.add_entry("spiffe://example.org/w3", "spiffe://example.org/node/c")
+        .await;
+    assert!(quiet(&mut sync_a).await && quiet(&mut sync_b).await);
+}
+
 /// Whether `cert` (DER) is signed by the CA `ca` (DER).
 fn signed_by(cert: &[u8], ca: &[u8]) -> bool {
     let (_, cert) = x509_parser::parse_x509_certificate(cert).unwrap();

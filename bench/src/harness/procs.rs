@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 pub const TRUST_DOMAIN: &str = "example.org";
 
 /// How long a process may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Path of a workspace binary (`mayfly-server`, `mayfly-agent`), looked up
 /// next to this executable: `target/release/` for a release bench,
@@ -46,7 +46,7 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout`.
+/// Polls `f` every 10 ms until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let start = Instant::now();
     loop {
@@ -56,7 +56,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if start.elapsed() > timeout {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -147,25 +147,25 @@ impl Drop for Proc {
     }
 }
 
-/// A running `mayfly-server` on loopback, in its own temporary directory.
+/// A server's temporary directory and configuration before it starts, so
+/// that a scenario can fill its store first (`mayfly-server entry import
+/// --config`): the rate limiter off (`0` = unlimited: the limiter would
+/// otherwise cap the benchmark at 500 signings per second) and otherwise
+/// the defaults (log level `info`, audit file on).
 #[derive(Debug)]
-pub struct Server {
-    proc: Proc,
-    bin: PathBuf,
+pub struct ServerDir {
+    /// The configuration file.
+    pub config: PathBuf,
     /// The admin API's Unix socket.
     pub admin_socket: PathBuf,
     /// The node API (gRPC over mutual TLS).
     pub node_addr: SocketAddr,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
-impl Server {
-    /// Starts a server with the rate limiter off (`0` = unlimited: the
-    /// limiter would otherwise cap the benchmark at 500 signings per second)
-    /// and otherwise the defaults (log level `info`, audit file on), and
-    /// waits until its admin socket answers.
-    pub fn start() -> Result<Self> {
-        let bin = binary("mayfly-server")?;
+impl ServerDir {
+    /// A new directory with its configuration written.
+    pub fn new() -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("mayfly-bench-server")
             .tempdir()?;
@@ -185,13 +185,61 @@ impl Server {
                 admin_socket.display(),
             ),
         )?;
+        Ok(Self {
+            config,
+            admin_socket,
+            node_addr,
+            tmp,
+        })
+    }
+
+    /// The server's data directory (`data_dir`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.tmp.path().join("data")
+    }
+}
+
+/// A running `mayfly-server` on loopback, in its own temporary directory.
+#[derive(Debug)]
+pub struct Server {
+    proc: Proc,
+    bin: PathBuf,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
+    /// The node API (gRPC over mutual TLS).
+    pub node_addr: SocketAddr,
+    /// From spawning the process to its admin socket answering.
+    pub startup: Duration,
+    _tmp: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server in a new [`ServerDir`] and waits until its admin
+    /// socket answers.
+    pub fn start() -> Result<Self> {
+        Self::start_in(ServerDir::new()?)
+    }
+
+    /// Starts a server on `dir` and waits until its admin socket answers
+    /// (it is created once the store is loaded and the node API listens).
+    pub fn start_in(dir: ServerDir) -> Result<Self> {
+        let bin = binary("mayfly-server")?;
+        let ServerDir {
+            config,
+            admin_socket,
+            node_addr,
+            tmp,
+        } = dir;
         let mut cmd = Command::new(&bin);
         cmd.arg("run").arg("--config").arg(&config);
-        let mut proc = Proc::spawn("mayfly-server", cmd, dir.join("server.log"))?;
+        let spawned = Instant::now();
+        let mut proc = Proc::spawn("mayfly-server", cmd, tmp.path().join("server.log"))?;
         wait_for("the server's admin socket", READY_TIMEOUT, || {
             if let Err(e) = proc.check_running() {
                 return Some(Err(e));
             }
+            // The socket file appears first (cheap to poll); then one
+            // healthcheck confirms the admin API answers.
             let ok = admin_socket.exists()
                 && Command::new(&bin)
                     .args(["healthcheck", "--socket-path"])
@@ -200,13 +248,20 @@ impl Server {
                     .is_ok_and(|o| o.status.success());
             ok.then_some(Ok(()))
         })??;
+        let startup = spawned.elapsed();
         Ok(Self {
             proc,
             bin,
             admin_socket,
             node_addr,
+            startup,
             _tmp: tmp,
         })
+    }
+
+    /// The process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// Runs `mayfly-server <args> --socket-path <admin> --output json`.

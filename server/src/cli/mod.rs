@@ -319,6 +319,10 @@ fn run(config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
         None => ServerConfig::development(),
     };
     crate::logging::init(&config.log_level, config.log_format);
+    match crate::run::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     if config_file.is_none() {
         tracing::warn!(data_dir = %config.data_dir.display(), "no --config given: running the development setup");
     }

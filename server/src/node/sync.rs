@@ -7,12 +7,18 @@
 //! change to a node alias entry (which moves many entries in or out of an
 //! agent's reach) is delivered correctly. Entries that expire are removed
 //! when they expire, without any change event.
+//!
+//! A stream wakes only for changes that can concern its agent (see
+//! [`crate::feed`]): entries under the agent, its enrolled aliases or its
+//! node aliases, its own node record, and what concerns every agent. The
+//! SPIFFE IDs it watches follow its node aliases as they change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use mayfly::SpiffeId;
 use mayfly::bundle::TrustBundle;
 use mayfly::entry::{Entry, EntryId};
 use mayfly::proto::node::SyncResponse;
@@ -24,6 +30,7 @@ use tonic::Status;
 
 use super::auth::{self, Agent};
 use super::{NodeCtx, blocking};
+use crate::feed::Wake;
 use crate::state::ChangeEvent;
 
 /// The longest a stream sleeps before re-checking expiries; bounds the
@@ -40,18 +47,39 @@ struct Sent {
     crl_generation: Option<u64>,
 }
 
-/// The agent's authorized set now, and when the next entry in it (or node
-/// alias granting it) expires.
+/// The agent's authorized set now, when the next entry in it (or node
+/// alias granting it) expires, and the node aliases it belongs to.
 struct View {
     entries: BTreeMap<EntryId, Arc<Entry>>,
     revision: u64,
     next_expiry: Option<OffsetDateTime>,
+    node_aliases: Vec<SpiffeId>,
+}
+
+/// What a stream sends, and what it must do next: wait until
+/// `next_expiry`, and watch the parents of `keys`.
+struct Sending {
+    msg: Option<SyncResponse>,
+    next_expiry: Option<OffsetDateTime>,
+    keys: Vec<String>,
+}
+
+/// The SPIFFE IDs an agent's authorized set hangs from: itself, its
+/// enrolled aliases and its node aliases.
+fn watch_keys(agent: &Agent, node_aliases: &[SpiffeId]) -> Vec<String> {
+    std::iter::once(&agent.spiffe_id)
+        .chain(&agent.aliases)
+        .chain(node_aliases)
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn view(ctx: &NodeCtx, agent: &Agent, now: OffsetDateTime) -> View {
     let state = &ctx.state;
     state.with_index(|index| {
-        let entries = index.authorized_for(&agent.view(&state.server_id), now);
+        let agent_view = agent.view(&state.server_id);
+        let node_aliases = index.node_aliases(&state.server_id, agent_view.node_selectors, now);
+        let entries = index.authorized_for(&agent_view, now);
         let next_expiry = entries
             .values()
             .map(Arc::as_ref)
@@ -63,12 +91,13 @@ fn view(ctx: &NodeCtx, agent: &Agent, now: OffsetDateTime) -> View {
             entries,
             revision: state.revision(),
             next_expiry,
+            node_aliases,
         }
     })
 }
 
 /// A full snapshot; replaces what was sent.
-fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<OffsetDateTime>) {
+fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> Sending {
     let v = view(ctx, agent, ctx.state.now());
     let bundle = ctx.state.bundle();
     let (crls, generation) = ctx.state.crls();
@@ -97,17 +126,16 @@ fn full(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent) -> (SyncResponse, Option<
         .map(|(id, e)| (id.clone(), e.revision))
         .collect();
     sent.bundle = Some(bundle);
-    (msg, v.next_expiry)
+    Sending {
+        msg: Some(msg),
+        next_expiry: v.next_expiry,
+        keys: watch_keys(agent, &v.node_aliases),
+    }
 }
 
 /// The changes since what was sent, or `None` when nothing the agent holds
 /// changed.
-fn delta(
-    ctx: &NodeCtx,
-    agent: &Agent,
-    sent: &mut Sent,
-    revoked: &[Revocation],
-) -> (Option<SyncResponse>, Option<OffsetDateTime>) {
+fn delta(ctx: &NodeCtx, agent: &Agent, sent: &mut Sent, revoked: &[Revocation]) -> Sending {
     let v = view(ctx, agent, ctx.state.now());
     let upserted: Vec<_> = v
         .entries
@@ -137,7 +165,11 @@ fn delta(
         && revocations.is_empty()
         && !crls_changed
     {
-        return (None, v.next_expiry);
+        return Sending {
+            msg: None,
+            next_expiry: v.next_expiry,
+            keys: watch_keys(agent, &v.node_aliases),
+        };
     }
     sent.crl_generation = Some(generation);
     sent.entries = v
@@ -156,7 +188,11 @@ fn delta(
         templates: Vec::new(),
     };
     sent.bundle = Some(bundle);
-    (Some(msg), v.next_expiry)
+    Sending {
+        msg: Some(msg),
+        next_expiry: v.next_expiry,
+        keys: watch_keys(agent, &v.node_aliases),
+    }
 }
 
 fn wait_for(ctx: &NodeCtx, at: Option<OffsetDateTime>) -> Duration {
@@ -194,26 +230,53 @@ pub fn stream(
     issuer: Option<String>,
 ) -> impl Stream<Item = Result<SyncResponse, Status>> + Send + 'static {
     async_stream::stream! {
-        // Subscribe before the snapshot so that no change falls between.
-        let mut events = ctx.state.subscribe();
+        // Watch before the snapshot so that no change falls between.
+        let (mut watch, mut shared) = ctx.state.watch(watch_keys(&agent, &[]));
         let mut shutdown = ctx.shutdown.clone();
         let mut agent = agent;
         let mut sent = Sent::default();
         let agent_key = agent.spiffe_id.to_string();
-        let (msg, mut next_expiry) = full(&ctx, &agent, &mut sent);
-        tracing::debug!(agent = %agent_key, entries = msg.upserted.len(), "sync: full snapshot");
-        yield Ok(msg);
+        let mut sending = full(&ctx, &agent, &mut sent);
+        let mut send_full = true;
         loop {
+            // Newly watched node aliases: changes under them before the
+            // watch began are picked up by one more recomputation.
+            // (Empty once applied: keys always hold the agent's own ID.)
+            let keys = std::mem::take(&mut sending.keys);
+            if !keys.is_empty() && watch.set_keys(keys) {
+                watch.wake_self();
+            }
+            let next_expiry = sending.next_expiry;
+            if let Some(msg) = sending.msg.take() {
+                if send_full {
+                    tracing::debug!(agent = %agent_key, entries = msg.upserted.len(), "sync: full snapshot");
+                } else {
+                    tracing::debug!(
+                        agent = %agent_key,
+                        revision = msg.revision,
+                        upserted = msg.upserted.len(),
+                        removed = msg.removed_entry_ids.len(),
+                        revocations = msg.revocations.len(),
+                        crls = msg.crls.len(),
+                        "sync: delta"
+                    );
+                }
+                yield Ok(msg);
+            }
             let sleep = tokio::time::sleep(wait_for(&ctx, next_expiry));
             let step = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => Step::ShuttingDown,
                 () = sleep => Step::Delta(Vec::new()),
-                ev = events.recv() => match ev {
+                wake = watch.changed() => match wake {
+                    Wake::Entries => Step::Delta(Vec::new()),
+                    Wake::Node => Step::Recheck { then_full: false },
+                },
+                ev = shared.recv() => match ev {
                     Ok(ChangeEvent::Bundle) if issuer.as_deref().is_some_and(|id| !auth::issuer_trusted(&ctx, id)) => Step::IssuerRevoked,
                     Ok(ChangeEvent::Entries { .. } | ChangeEvent::Bundle) => Step::Delta(Vec::new()),
                     Ok(ChangeEvent::Revocations { added }) => Step::Delta(added),
-                    Ok(ChangeEvent::Node { spiffe_id }) if spiffe_id != agent_key => Step::Nothing,
-                    Ok(ChangeEvent::Node { .. }) => Step::Recheck { then_full: false },
+                    // Node changes reach the agent's own watch only.
+                    Ok(ChangeEvent::Node { .. }) => Step::Nothing,
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(agent = %agent_key, missed, "sync: fell behind the change feed; resending a full snapshot");
                         // A missed event may have been a ban: re-check too.
@@ -223,7 +286,7 @@ pub fn stream(
                 },
             };
             let mut revoked = Vec::new();
-            let send_full = match step {
+            send_full = match step {
                 Step::Nothing => continue,
                 Step::IssuerRevoked => {
                     let e = auth::untrusted_issuer();
@@ -253,26 +316,11 @@ pub fn stream(
                     then_full
                 }
             };
-            if send_full {
-                let (msg, next) = full(&ctx, &agent, &mut sent);
-                next_expiry = next;
-                yield Ok(msg);
+            sending = if send_full {
+                full(&ctx, &agent, &mut sent)
             } else {
-                let (msg, next) = delta(&ctx, &agent, &mut sent, &revoked);
-                next_expiry = next;
-                if let Some(msg) = msg {
-                    tracing::debug!(
-                        agent = %agent_key,
-                        revision = msg.revision,
-                        upserted = msg.upserted.len(),
-                        removed = msg.removed_entry_ids.len(),
-                        revocations = msg.revocations.len(),
-                        crls = msg.crls.len(),
-                        "sync: delta"
-                    );
-                    yield Ok(msg);
-                }
-            }
+                delta(&ctx, &agent, &mut sent, &revoked)
+            };
         }
     }
 }

@@ -110,6 +110,19 @@ pub fn parse_entry_id(id: &str) -> ServiceResult<EntryId> {
         .map_err(|e: mayfly::entry::EntryError| ServiceError::InvalidArgument(e.to_string()))
 }
 
+/// Parses an entry id an operator chose for a new entry: a valid id that
+/// does not claim the namespace of template-derived entries.
+pub fn parse_registrable_id(id: &str) -> ServiceResult<EntryId> {
+    if id.starts_with(mayfly::template::ENTRY_ID_PREFIX) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "entry id {id:?}: ids starting with {:?} name entries derived from \
+             identity templates and cannot be registered",
+            mayfly::template::ENTRY_ID_PREFIX
+        )));
+    }
+    parse_entry_id(id)
+}
+
 impl ServerState {
     /// Creates entries, one result per spec in the same order. Each spec is
     /// validated on its own; one bad spec does not stop the others. An
@@ -137,14 +150,7 @@ impl ServerState {
     fn create_one(&self, spec: &EntrySpec) -> ServiceResult<Entry> {
         let id = match &spec.id {
             Some(id) => {
-                if id.starts_with(mayfly::template::ENTRY_ID_PREFIX) {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "entry id {id:?}: ids starting with {:?} name entries derived from \
-                         identity templates and cannot be registered",
-                        mayfly::template::ENTRY_ID_PREFIX
-                    )));
-                }
-                let id = parse_entry_id(id)?;
+                let id = parse_registrable_id(id)?;
                 if self.with_index(|ix| ix.get(&id).is_some()) {
                     return Err(ServiceError::AlreadyExists(format!(
                         "an entry with id {id} already exists"

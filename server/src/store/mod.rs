@@ -122,6 +122,12 @@ pub struct IssuedRecord {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces an entry.
     fn put_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+    /// Inserts or replaces several entries, all applied and durable
+    /// together (the offline import's batches). By default, one
+    /// [`Store::put_entry`] each.
+    fn put_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        entries.iter().try_for_each(|e| self.put_entry(e))
+    }
     /// Removes an entry, returning it if it existed.
     fn delete_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError>;
     /// Every entry (used to build the in-memory index at start-up).

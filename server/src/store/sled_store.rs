@@ -37,6 +37,13 @@ pub struct SledStore {
 /// The meta key holding the audit head (JSON [`AuditHead`]).
 const AUDIT_HEAD_KEY: &str = "audit_head";
 
+/// sled's page cache. The server holds every entry in its in-memory index
+/// and reads the store for entries only at start-up, so the cache serves
+/// the writes and the small lookups (nodes, tokens, issued records);
+/// sled's default (1 GiB) kept a second copy of a large registry in memory
+/// (about 1 GB for a million entries).
+const CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -63,6 +70,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
         let (journal, lines) = Journal::open(dir)?;
@@ -200,6 +208,15 @@ impl Store for SledStore {
         self.entries
             .insert(entry.id.as_str(), encode(entry)?)
             .map_err(backend)?;
+        self.durable()
+    }
+
+    fn put_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(e.id.as_str(), encode(e)?);
+        }
+        self.entries.apply_batch(batch).map_err(backend)?;
         self.durable()
     }
 
