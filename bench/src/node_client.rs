@@ -90,15 +90,16 @@ pub async fn connect(
 }
 
 /// [`connect`] with the HTTP/2 keep-alive of the real agent's server
-/// client (a PING every 20 s, also while idle), for clients that stand in
+/// client (a PING every [`mayfly_agent::client::PING_INTERVAL`], also while
+/// idle), for clients that stand in
 /// for agents holding a `Sync` stream open.
 pub async fn connect_as_agent(
     addr: SocketAddr,
     identity: &AgentIdentity,
 ) -> Result<NodeClient<Channel>> {
     let endpoint = Endpoint::from_static("http://mayfly-server")
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(mayfly_agent::client::PING_INTERVAL)
+        .keep_alive_timeout(mayfly_agent::client::PING_TIMEOUT)
         .keep_alive_while_idle(true);
     connect_on(endpoint, addr, Some(identity)).await
 }

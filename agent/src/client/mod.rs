@@ -30,6 +30,19 @@ use crate::attest::{AgentSvid, AttestError, NodeAttestor};
 use crate::config::AgentConfig;
 use tls::{InsecureBootstrapVerifier, SpiffeServerVerifier, TrustAnchors};
 
+/// How often the agent pings the server over its idle connection (HTTP/2
+/// PING), so that a silently dead server or path (no FIN, no RST) is
+/// noticed within [`PING_INTERVAL`] + [`PING_TIMEOUT`] and the `Sync`
+/// stream reconnects; a server that stops or restarts closes the
+/// connection, which the agent sees at once. Every agent's pings cost the
+/// server a little: at 10,000 agents, 60 s means 167 pings a second, about
+/// 1% of a core (`docs/performance.md`, scenario 4).
+pub const PING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long the agent waits for a ping's answer before it drops the
+/// connection.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long an `Attest` exchange may take.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a unary call may take.
@@ -243,8 +256,8 @@ impl Transport for TlsTransport {
             .map_err(|e| ClientError::Tls(format!("server address: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(PING_TIMEOUT)
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_with_connector_lazy(TlsConnector {
             address: self.server_address.clone(),

@@ -133,6 +133,13 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// How often the server pings an idle agent connection. Agents ping the
+/// server themselves (every 60 s) to notice a dead server; the server's
+/// pings only reclaim connections of agents that vanished without closing
+/// them, which cost nothing but memory meanwhile. Rare, so that 10,000
+/// idle agents do not keep the server busy (`docs/performance.md`).
+const PING_INTERVAL: Duration = Duration::from_secs(300);
+
 /// `SignX509` calls with at most this many items are signed on the async
 /// thread that received them; larger ones on the blocking pool.
 const INLINE_SIGN_ITEMS: usize = 4;
@@ -496,7 +503,7 @@ pub fn start(
     let mut signal = shutdown;
     Ok(tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(PING_INTERVAL))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(NodeServer::new(service))
             .serve_with_incoming_shutdown(
