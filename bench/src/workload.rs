@@ -122,6 +122,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         for _ in 0..c {
             workers.push(CachedFetch::connect(&socket, &shared_id, settings.smoke).await?);
         }
+        let cpu_before = agent.cpu_time();
         let mut row = measure_variant(
             &mut server,
             "workload",
@@ -132,6 +133,13 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         .await
         .with_context(|| format!("agent log: {}", agent.log_path().display()))?;
         agent.check_running()?;
+        if let (Some(before), Some(after)) = (cpu_before, agent.cpu_time()) {
+            #[allow(clippy::cast_precision_loss)]
+            let per_call = (after - before).as_secs_f64() * 1e6 / row.ops.max(1) as f64;
+            eprintln!(
+                "mayfly-bench: workload: the agent used {per_call:.0} µs of CPU per cached fetch at c={c}"
+            );
+        }
         row.agent_peak_rss_kb = agent.peak_rss_kb();
         if c == 1 {
             row.budget = "p99 < 1 ms".into();

@@ -65,6 +65,20 @@ pub fn peak_rss_kb(pid: u32) -> Option<u64> {
     status_kb(pid, "VmHWM:")
 }
 
+/// The CPU time (user + system) a live process has used, from
+/// `/proc/<pid>/stat` (clock ticks, assumed 100 per second as on every Linux
+/// port that Mayfly runs on).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 /// A kB figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`).
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -455,6 +469,11 @@ impl Agent {
     /// Its current RSS, kB.
     pub fn rss_kb(&self) -> Option<u64> {
         status_kb(self.proc.pid(), "VmRSS:")
+    }
+
+    /// The CPU time (user + system, all threads) it has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(self.proc.pid())
     }
 
     /// Fails if the agent has exited.
