@@ -4,6 +4,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod revocation;
 pub mod run;

@@ -36,6 +36,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::logging::init(&config.log_level, config.log_format);
+    // Each Workload API client holds a connection and each task a pidfd.
+    match crate::limits::raise_open_files_limit() {
+        Ok(l) if l.before != l.now => {
+            tracing::info!(from = ?l.before, to = ?l.now, "raised the open-file limit to its hard limit");
+        }
+        Ok(l) => tracing::debug!(soft = ?l.now, hard = ?l.hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "keeping the open-file limit"),
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     let watcher = {

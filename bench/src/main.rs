@@ -14,9 +14,9 @@
 //!
 //! The suite (issue 7): `mayfly-bench all [--duration S] [--json FILE] [--smoke]`
 //! runs every scenario — `crypto` (the ceiling), `x509`, `x509-mint-http`,
-//! `jwt` against real `mayfly-server` processes, then `policy` and
-//! `revocation` — and prints one table; each also runs alone. See
-//! `docs/performance.md`.
+//! `jwt` against real `mayfly-server` processes, `workload` against a real
+//! `mayfly-agent` process, then `policy` and `revocation` — and prints one
+//! table; each also runs alone. See `docs/performance.md`.
 //!
 //! `cargo run --release -p mayfly-bench -- revocation --tasks 1000 [--concurrency 1] [--json FILE]`
 //! `cargo run --release -p mayfly-bench -- policy [--smoke]`: see the `policy` module.
@@ -48,6 +48,7 @@ mod node_client;
 mod policy;
 mod scenario;
 mod sync_scale;
+mod workload;
 mod x509;
 
 /// The issue's budget for the p99.
@@ -62,7 +63,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Every scenario: crypto, sync-scale, x509, x509-mint-http, jwt, policy, revocation.
+    /// Every scenario: crypto, sync-scale, x509, x509-mint-http, jwt, workload, policy, revocation.
     All(scenario::SuiteArgs),
     /// Scenario 6: the crypto ceiling (CSR parse + verify + sign, JWT sign), no server.
     Crypto(scenario::SuiteArgs),
@@ -72,12 +73,18 @@ enum Cmd {
     X509MintHttp(scenario::SuiteArgs),
     /// Scenario 2: MintJwt through the node API (after the crypto ceiling).
     Jwt(scenario::SuiteArgs),
+    /// Scenario 3: the Workload API of a real agent (cached fetch, streams
+    /// and one rotation, a new task's first credential).
+    Workload(scenario::SuiteArgs),
     /// Task end → revocation visible in agent B's Workload API `crl` field.
     Revocation(RevocationArgs),
     /// The cost of one policy decision on the issuance path.
     Policy(policy::PolicyArgs),
     /// Scenario 4: 1,000,000 entries, 10,000 agents holding Sync streams.
     SyncScale(sync_scale::SyncScaleArgs),
+    /// (internal) a new task of the workload scenario: time its first FetchX509SVID.
+    #[command(hide = true)]
+    WorkloadTask(workload::TaskArgs),
     /// (internal) a workload: fetch one X.509-SVID, print its serial, exit.
     #[command(hide = true)]
     Child {
@@ -113,6 +120,8 @@ fn main() -> Result<()> {
         Cmd::X509(args) => suite(&[Suite::Crypto, Suite::X509], &args),
         Cmd::X509MintHttp(args) => suite(&[Suite::Crypto, Suite::X509MintHttp], &args),
         Cmd::Jwt(args) => suite(&[Suite::Crypto, Suite::Jwt], &args),
+        Cmd::Workload(args) => suite(&[Suite::Workload], &args),
+        Cmd::WorkloadTask(args) => workload::task_child(&args),
         Cmd::Child { socket } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -136,10 +145,17 @@ enum Suite {
     X509,
     X509MintHttp,
     Jwt,
+    Workload,
 }
 
 impl Suite {
-    const ALL: [Suite; 4] = [Suite::Crypto, Suite::X509, Suite::X509MintHttp, Suite::Jwt];
+    const ALL: [Suite; 5] = [
+        Suite::Crypto,
+        Suite::X509,
+        Suite::X509MintHttp,
+        Suite::Jwt,
+        Suite::Workload,
+    ];
 }
 
 /// Runs `which` (the crypto ceiling first), prints the table, writes the
@@ -148,16 +164,26 @@ fn suite(which: &[Suite], args: &scenario::SuiteArgs) -> Result<()> {
     let settings = scenario::Settings::from_args(args)?;
     let mut report = harness::Report::new(settings.smoke);
     eprintln!(
-        "mayfly-bench: {} s per variant; generating CSRs ahead of time",
+        "mayfly-bench: {} s per variant",
         settings.duration.as_secs_f64()
     );
-    let csrs = Arc::new(scenario::Csrs::generate(if settings.smoke {
+    // The workload scenario needs neither the ceiling nor CSRs.
+    let needs_ceiling = which.iter().any(|s| *s != Suite::Workload);
+    let csrs = Arc::new(scenario::Csrs::generate(if !needs_ceiling {
+        0
+    } else if settings.smoke {
         256
     } else {
         4096
     })?);
-    let (rows, ceiling) = crypto::run(&settings, &csrs)?;
-    report.rows.extend(rows);
+    let ceiling = if needs_ceiling {
+        let (rows, ceiling) = crypto::run(&settings, &csrs)?;
+        report.rows.extend(rows);
+        Some(ceiling)
+    } else {
+        None
+    };
+    let ceiling = || ceiling.context("no crypto ceiling measured");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -165,9 +191,10 @@ fn suite(which: &[Suite], args: &scenario::SuiteArgs) -> Result<()> {
     for s in which {
         let rows = match s {
             Suite::Crypto => continue,
-            Suite::X509 => rt.block_on(x509::run(&settings, &csrs, ceiling))?,
-            Suite::X509MintHttp => rt.block_on(mint_http::run(&settings, &csrs, ceiling))?,
-            Suite::Jwt => rt.block_on(jwt::run(&settings, ceiling))?,
+            Suite::X509 => rt.block_on(x509::run(&settings, &csrs, ceiling()?))?,
+            Suite::X509MintHttp => rt.block_on(mint_http::run(&settings, &csrs, ceiling()?))?,
+            Suite::Jwt => rt.block_on(jwt::run(&settings, ceiling()?))?,
+            Suite::Workload => rt.block_on(workload::run(&settings))?,
         };
         report.rows.extend(rows);
     }

@@ -34,6 +34,14 @@ pub struct SuiteArgs {
     /// shares the machine with the server; fewer threads leave it more).
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
+    /// Workload scenario: concurrent FetchX509SVID streams held on one agent
+    /// (smoke: 200).
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: usize,
+    /// Workload scenario: new tasks (processes) whose first credential is
+    /// measured (smoke: 10).
+    #[arg(long, default_value_t = 200)]
+    pub tasks: usize,
 }
 
 /// Settings resolved from [`SuiteArgs`].
@@ -45,6 +53,10 @@ pub struct Settings {
     pub smoke: bool,
     /// Concurrencies of the server scenarios.
     pub concurrencies: Vec<usize>,
+    /// Streams held at once in the workload scenario.
+    pub streams: usize,
+    /// New tasks measured in the workload scenario.
+    pub tasks: usize,
 }
 
 impl Settings {
@@ -58,6 +70,10 @@ impl Settings {
             args.concurrency.iter().all(|c| *c > 0),
             "--concurrency values must be at least 1"
         );
+        ensure!(
+            args.streams > 0 && args.tasks > 0,
+            "--streams and --tasks must be at least 1"
+        );
         Ok(Self {
             duration: if args.smoke {
                 Duration::from_secs(1)
@@ -66,6 +82,8 @@ impl Settings {
             },
             smoke: args.smoke,
             concurrencies: args.concurrency.clone(),
+            streams: if args.smoke { 200 } else { args.streams },
+            tasks: if args.smoke { 10 } else { args.tasks },
         })
     }
 }

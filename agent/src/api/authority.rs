@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::io;
-use std::mem;
+use std::mem::{self, MaybeUninit};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -58,9 +58,10 @@ const MAX_DYNAMIC_TABLE_SIZE: usize = 65_536;
 /// Size of the buffer bytes are read into when they have to be inspected.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Once drained, an output buffer larger than this is shrunk back, so that one large header block
-/// does not pin a megabyte for the life of a long-lived connection.
-const RETAINED_OUTPUT_CAPACITY: usize = 64 * 1024;
+/// Once drained, an output buffer larger than this is freed: most connections of the Workload
+/// API are streams that stay idle for the life of an SVID, and thousands of them each keeping
+/// a read's worth of buffer would cost more than allocating one again per request.
+const RETAINED_OUTPUT_CAPACITY: usize = 1024;
 
 /// Wraps the server side of an accepted connection. Bytes written pass through untouched.
 /// Bytes read are parsed as the client half of an HTTP/2 connection: the connection preface,
@@ -83,8 +84,6 @@ const RETAINED_OUTPUT_CAPACITY: usize = 64 * 1024;
 pub struct NormalizeAuthority<S> {
     inner: S,
     filter: Filter,
-    /// Bytes read from `inner` that still have to go through `filter`. Allocated on first use.
-    scratch: Vec<u8>,
     /// `inner` reported end of stream.
     eof: bool,
 }
@@ -99,7 +98,6 @@ impl<S> NormalizeAuthority<S> {
         Self {
             inner,
             filter: Filter::new(authority),
-            scratch: Vec::new(),
             eof: false,
         }
     }
@@ -149,7 +147,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NormalizeAuthority<S> {
             }
             match this.filter.verbatim_len() {
                 Verbatim::All => {
-                    this.scratch = Vec::new();
                     return Pin::new(&mut this.inner).poll_read(cx, buf);
                 }
                 Verbatim::Upto(len) if len > 0 => {
@@ -170,10 +167,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NormalizeAuthority<S> {
                 }
                 Verbatim::Upto(_) => {}
             }
-            if this.scratch.is_empty() {
-                this.scratch = vec![0; READ_CHUNK];
-            }
-            let mut chunk = ReadBuf::new(&mut this.scratch);
+            // On the stack: the filter copies what it keeps, and a buffer kept per connection
+            // would cost every idle client (a stream watching its SVIDs) 16 KiB.
+            let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut chunk = ReadBuf::uninit(&mut storage);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
             let read = chunk.filled();
             if read.is_empty() {
@@ -358,7 +355,7 @@ impl Filter {
             self.out.clear();
             self.out_pos = 0;
             if self.out.capacity() > RETAINED_OUTPUT_CAPACITY {
-                self.out.shrink_to(READ_CHUNK);
+                self.out = Vec::new();
             }
         }
     }

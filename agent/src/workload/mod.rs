@@ -125,6 +125,17 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// Every selector that holds for the caller. A selector that cannot be established is left
     /// out, never guessed: fewer selectors can only match fewer entries.
     async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError>;
+
+    /// The same answer as [`WorkloadAttestor::attest`], computed on the calling thread, for an
+    /// attestor that only does blocking work (reading `/proc`, hashing a binary, user and
+    /// group look-ups); `None` for one that must be awaited (the kubelet's pod list).
+    /// [`Attestors`] runs all the blocking ones in one trip to the blocking pool, instead of
+    /// one trip each: every Workload API call is attested, and each trip is two thread
+    /// switches.
+    fn attest_blocking_now(&self, peer: &PeerInfo) -> Option<Result<SelectorSet, AttestError>> {
+        let _ = peer;
+        None
+    }
 }
 
 /// Several attestors as one: the caller's selectors are the union of theirs. Any attestor's
@@ -157,10 +168,89 @@ impl Attestors {
 #[tonic::async_trait]
 impl WorkloadAttestor for Attestors {
     async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
-        let mut out = SelectorSet::new();
-        for a in &self.0 {
+        let all = self.0.clone();
+        let at = *peer;
+        // The blocking attestors in one trip; the indexes of the others.
+        let (mut out, awaited) = tokio::task::spawn_blocking(move || {
+            let mut out = SelectorSet::new();
+            let mut awaited = Vec::new();
+            for (i, a) in all.iter().enumerate() {
+                match a.attest_blocking_now(&at) {
+                    Some(selectors) => out.extend(selectors?),
+                    None => awaited.push(i),
+                }
+            }
+            Ok::<_, AttestError>((out, awaited))
+        })
+        .await
+        .map_err(|e| AttestError::Internal(e.to_string()))??;
+        for a in awaited.iter().filter_map(|i| self.0.get(*i)) {
             out.extend(a.attest(peer).await?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers `selector`, or refuses; blocking or awaited.
+    #[derive(Debug)]
+    struct Fake {
+        selector: Option<&'static str>,
+        blocking: bool,
+    }
+
+    impl Fake {
+        fn answer(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
+            match self.selector {
+                Some(s) => Ok([s.parse().unwrap()].into_iter().collect()),
+                None => Err(AttestError::ProcessGone { pid: peer.pid }),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl WorkloadAttestor for Fake {
+        async fn attest(&self, peer: &PeerInfo) -> Result<SelectorSet, AttestError> {
+            self.answer(peer)
+        }
+
+        fn attest_blocking_now(&self, peer: &PeerInfo) -> Option<Result<SelectorSet, AttestError>> {
+            self.blocking.then(|| self.answer(peer))
+        }
+    }
+
+    fn fake(selector: Option<&'static str>, blocking: bool) -> Arc<dyn WorkloadAttestor> {
+        Arc::new(Fake { selector, blocking })
+    }
+
+    #[tokio::test]
+    async fn the_union_of_blocking_and_awaited_attestors_and_any_refusal_refuses() {
+        let peer = PeerInfo {
+            pid: 7,
+            uid: 1000,
+            gid: 1000,
+            start_time: None,
+        };
+        let both = Attestors::new(vec![
+            fake(Some("unix:uid:1000"), true),
+            fake(Some("k8s:ns:a"), false),
+            fake(Some("systemd:id:a.service"), true),
+        ]);
+        let got = both.attest(&peer).await.unwrap();
+        let want: SelectorSet = ["unix:uid:1000", "k8s:ns:a", "systemd:id:a.service"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        for refusing in [fake(None, true), fake(None, false)] {
+            let some = Attestors::new(vec![fake(Some("unix:uid:1000"), true), refusing]);
+            assert!(matches!(
+                some.attest(&peer).await,
+                Err(AttestError::ProcessGone { pid: 7 })
+            ));
+        }
     }
 }

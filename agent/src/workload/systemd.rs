@@ -59,6 +59,10 @@ impl WorkloadAttestor for SystemdAttestor {
             .await
             .map_err(|e| AttestError::Internal(e.to_string()))?
     }
+
+    fn attest_blocking_now(&self, peer: &PeerInfo) -> Option<Result<SelectorSet, AttestError>> {
+        Some(self.attest_blocking(peer))
+    }
 }
 
 #[cfg(test)]

@@ -224,6 +224,10 @@ impl WorkloadAttestor for UnixAttestor {
             .await
             .map_err(|e| AttestError::Internal(e.to_string()))?
     }
+
+    fn attest_blocking_now(&self, peer: &PeerInfo) -> Option<Result<SelectorSet, AttestError>> {
+        Some(self.attest_blocking(peer))
+    }
 }
 
 fn push(set: &mut SelectorSet, value: String) {

@@ -8,6 +8,6 @@ pub mod report;
 pub mod stats;
 
 pub use load::{Worker, measure_variant};
-pub use procs::{Server, TRUST_DOMAIN};
+pub use procs::{Agent, Server, TRUST_DOMAIN};
 pub use report::{Report, Row};
 pub use stats::Latency;

@@ -1,6 +1,6 @@
-//! The real `mayfly-server` (and, for later scenarios, `mayfly-agent`)
-//! binaries as child processes: each in its own temporary directory, on
-//! loopback, with free ports and the rate limiter switched off.
+//! The real `mayfly-server` and `mayfly-agent` binaries as child processes:
+//! each in its own temporary directory, on loopback, with free ports and the
+//! server's rate limiter switched off.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -62,10 +62,29 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// The peak resident set size (`VmHWM`, kB) of a live process.
 pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:")
+}
+
+/// The CPU time (user + system) a live process has used, from
+/// `/proc/<pid>/stat` (clock ticks, assumed 100 per second as on every Linux
+/// port that Mayfly runs on).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// A kB figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`).
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
@@ -287,6 +306,23 @@ impl Server {
         })
     }
 
+    /// Runs `mayfly-server <args> --socket-path <admin>`; its standard output.
+    pub fn cli_text(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--socket-path")
+            .arg(&self.admin_socket)
+            .output()
+            .context("running the mayfly-server CLI")?;
+        if !out.status.success() {
+            bail!(
+                "mayfly-server {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        String::from_utf8(out.stdout).context("the mayfly-server CLI printed non-UTF-8")
+    }
+
     /// A new join token and the agent SPIFFE ID it gives.
     pub fn join_token(&self) -> Result<(String, String)> {
         let v = self.cli_json(&["token", "generate"])?;
@@ -300,7 +336,18 @@ impl Server {
 
     /// Registers an entry for `spiffe_id` under `parent_id`; its id.
     pub fn create_entry(&self, spiffe_id: &str, parent_id: &str, selector: &str) -> Result<String> {
-        let v = self.cli_json(&[
+        self.create_entry_with(spiffe_id, parent_id, selector, &[])
+    }
+
+    /// [`Server::create_entry`] with more `entry create` flags (`--scope shared`).
+    pub fn create_entry_with(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selector: &str,
+        flags: &[&str],
+    ) -> Result<String> {
+        let mut args = vec![
             "entry",
             "create",
             "--spiffe-id",
@@ -309,7 +356,9 @@ impl Server {
             parent_id,
             "--selector",
             selector,
-        ])?;
+        ];
+        args.extend_from_slice(flags);
+        let v = self.cli_json(&args)?;
         let id = v["id"]
             .as_str()
             .or_else(|| v["entry"]["id"].as_str())
@@ -336,6 +385,110 @@ impl Server {
     }
 
     /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.proc.log
+    }
+}
+
+/// A running `mayfly-agent`, attested to a [`Server`] with a new join token,
+/// in its own temporary directory (data, Workload API socket, log).
+#[derive(Debug)]
+pub struct Agent {
+    proc: Proc,
+    /// The Workload API's Unix socket.
+    pub socket: PathBuf,
+    /// The agent's SPIFFE ID (the parent of its entries).
+    pub spiffe_id: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts an agent for `server`: a join token from the server's CLI
+    /// (passed in `MAYFLY_JOIN_TOKEN`, never on the command line), the
+    /// server's bundle as its bootstrap bundle, a free health port, log level
+    /// `info`; waits until `/readyz` answers 200 (attested, first sync done)
+    /// and the socket exists.
+    pub fn start(server: &Server) -> Result<Self> {
+        let bin = binary("mayfly-agent")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("mayfly-bench-agent")
+            .tempdir()?;
+        let dir = tmp.path().to_owned();
+        let bundle = dir.join("bootstrap-bundle.pem");
+        std::fs::write(
+            &bundle,
+            server.cli_text(&["bundle", "show", "--format", "pem"])?,
+        )?;
+        let (token, spiffe_id) = server.join_token()?;
+        let socket = dir.join("api.sock");
+        let health = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\n\
+                 data_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\n\
+                 health_address = \"{health}\"\n",
+                server.node_addr,
+                dir.join("data").display(),
+                socket.display(),
+                bundle.display(),
+            ),
+        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("MAYFLY_JOIN_TOKEN", &token);
+        let mut proc = Proc::spawn("mayfly-agent", cmd, dir.join("agent.log"))?;
+        let health = health.to_string();
+        wait_for("the agent's /readyz", READY_TIMEOUT, || {
+            if let Err(e) = proc.check_running() {
+                return Some(Err(e));
+            }
+            let ok = socket.exists()
+                && Command::new(&bin)
+                    .args(["healthcheck", "--health-address", &health])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+            ok.then_some(Ok(()))
+        })??;
+        Ok(Self {
+            proc,
+            socket,
+            spiffe_id,
+            _tmp: tmp,
+        })
+    }
+
+    /// Its peak RSS so far, kB.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        self.proc.peak_rss_kb()
+    }
+
+    /// Its current RSS, kB.
+    pub fn rss_kb(&self) -> Option<u64> {
+        status_kb(self.proc.pid(), "VmRSS:")
+    }
+
+    /// The CPU time (user + system, all threads) it has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(self.proc.pid())
+    }
+
+    /// Fails if the agent has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        self.proc.check_running()
+    }
+
+    /// Stops it; its peak RSS read just before.
+    pub fn stop(mut self) -> Option<u64> {
+        let rss = self.peak_rss_kb();
+        self.proc.stop();
+        rss
+    }
+
+    /// The agent's log file.
     pub fn log_path(&self) -> &Path {
         &self.proc.log
     }
