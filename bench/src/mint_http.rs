@@ -29,7 +29,8 @@ struct MintWorker {
     check_every: bool,
 }
 
-async fn connect(socket: &Path) -> Result<SendRequest<Full<Bytes>>> {
+/// An HTTP/1.1 connection to the admin API's Unix socket.
+pub async fn connect(socket: &Path) -> Result<SendRequest<Full<Bytes>>> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("cannot connect to {}", socket.display()))?;

@@ -38,7 +38,6 @@ use anyhow::{Context as _, Result, bail, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use mayfly::proto::node::{SyncRequest, SyncResponse};
 use rand::Rng as _;
 use tokio::sync::oneshot;
@@ -198,17 +197,6 @@ fn dir_size(path: &Path) -> u64 {
 // ---------------------------------------------------------------------------
 // The admin API over its Unix socket (HTTP/1.1).
 
-async fn admin_connect(socket: &Path) -> Result<SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
 async fn admin_call(
     sender: &mut SendRequest<Full<Bytes>>,
     method: http::Method,
@@ -243,7 +231,7 @@ async fn join_tokens(socket: &Path, nodes: &[usize], concurrency: usize) -> Resu
     for _ in 0..concurrency.min(32) {
         let (next, nodes, socket) = (Arc::clone(&next), Arc::clone(&nodes), socket.to_owned());
         set.spawn(async move {
-            let mut sender = admin_connect(&socket).await?;
+            let mut sender = crate::mint_http::connect(&socket).await?;
             let mut got = Vec::new();
             loop {
                 let i = usize::try_from(next.fetch_add(1, Ordering::Relaxed))?;
@@ -403,7 +391,7 @@ async fn changes(
     hub: &Arc<Hub>,
     count: usize,
 ) -> Result<(Vec<Duration>, Vec<Duration>, Duration)> {
-    let mut sender = admin_connect(socket).await?;
+    let mut sender = crate::mint_http::connect(socket).await?;
     let mut to_agent = Vec::with_capacity(count);
     let mut admin = Vec::with_capacity(count);
     // The entry created by the previous (even) step, updated by the next.

@@ -161,6 +161,16 @@ impl SledStore {
         Ok(values)
     }
 
+    /// Writes issued records to sled and the journal (synced with `sync`).
+    fn journal_issued(&self, records: &[IssuedRecord], sync: bool) -> Result<(), StoreError> {
+        let issued = self.write_issued(records)?;
+        let line = LineRef {
+            issued: &issued,
+            audit: &[],
+        };
+        self.journal(&line, sync)
+    }
+
     /// Journals `line` (already written to sled) and, with `sync`, waits
     /// until it is on disk; empties the journal when it has grown large.
     fn journal(&self, line: &LineRef<'_>, sync: bool) -> Result<(), StoreError> {
@@ -293,26 +303,16 @@ impl Store for SledStore {
         if records.is_empty() {
             return Ok(());
         }
-        let issued = self.write_issued(records)?;
-        let line = LineRef {
-            issued: &issued,
-            audit: &[],
-        };
-        self.journal(&line, true)
+        self.journal_issued(records, true)
     }
 
     fn put_issued_pending(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        let issued = self.write_issued(records)?;
         // The next synced journal line (the audit append that records the
         // issuance) makes this one durable too: lines are synced in order.
-        let line = LineRef {
-            issued: &issued,
-            audit: &[],
-        };
-        self.journal(&line, false)
+        self.journal_issued(records, false)
     }
 
     fn get_issued(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
