@@ -9,8 +9,8 @@
 //! write (one fsync), and answers each job. Jobs that arrive during a write
 //! form the next batch, so the number of fsyncs per second stays bounded by
 //! the disk while throughput grows with the number of callers. Each job's
-//! guarantee is that of [`ServerState::record_issued_audited`]: `Ok` means
-//! the records and the audit records are durable.
+//! guarantee is that of [`write()`]: `Ok` means the records and the audit
+//! records are durable.
 
 use std::sync::Arc;
 use std::sync::mpsc;

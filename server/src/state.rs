@@ -229,8 +229,7 @@ impl ServerState {
     }
 
     /// Records issued credentials and the audit events of their issuance
-    /// durably, batched with concurrent callers (see [`crate::commit`]):
-    /// the async form of [`Self::record_issued_audited`].
+    /// durably, batched with concurrent callers (see [`crate::commit`]).
     pub async fn commit_issued(
         &self,
         records: Vec<IssuedRecord>,

@@ -23,7 +23,7 @@ pub fn agent_actor(id: &SpiffeId) -> Actor {
 }
 
 /// One `x509.issue` / `jwt.issue` event per issued credential, to store
-/// with the records (`ServerState::record_issued_audited`). `extra` adds
+/// with the records (`ServerState::commit_issued`). `extra` adds
 /// details to each (the JWT audience).
 pub fn issued(
     agent: &Agent,

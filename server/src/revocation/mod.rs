@@ -204,24 +204,6 @@ impl ServerState {
         Ok(self.store.put_issued(records)?)
     }
 
-    /// Records issued credentials and the audit events of their issuance
-    /// with one durable write: the records are written first, then the
-    /// audit append's flush (which starts after they are written) makes
-    /// both durable. `Ok` means both are durable. Blocking.
-    pub fn record_issued_audited(
-        &self,
-        records: &[IssuedRecord],
-        events: Vec<crate::audit::AuditEvent>,
-    ) -> ServiceResult<()> {
-        crate::commit::write(
-            self.store.as_ref(),
-            &self.audit,
-            self.now(),
-            records,
-            events,
-        )
-    }
-
     /// Revokes the candidates not yet revoked (and not expired): durably,
     /// then in memory, then re-signs the CRLs when a serial was added, and
     /// tells `Sync` streams. Returns the newly revoked. Blocking.
